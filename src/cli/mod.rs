@@ -1,0 +1,116 @@
+//! The command line: the only code that reads argv and the environment or picks exit codes.
+//!
+//! `conch [global flags] <command> [args] [flags] [-- child command...]`: flags may come
+//! before or after positionals; everything after the first bare `--` is the child command.
+//! Usage errors exit 64 (not clap's 2); `-h` prints help to stdout and exits 0.
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod dev;
+mod elect;
+pub mod exit;
+mod global;
+mod version;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+pub use global::GlobalArgs;
+
+/// Run ordinary Linux processes under cluster-wide holds kept in etcd v3: leader election,
+/// semaphores and cron, fail-closed (the child dies before anyone else can get the hold).
+#[derive(Debug, Parser)]
+#[command(
+    name = "conch",
+    version,
+    disable_help_subcommand = true,
+    after_help = "Exit codes: 0 ok, child's code, 128+N child killed by signal N, 1 vacant/not held, \
+                  64 usage, 69 etcd unreachable, 70 hold lost, 75 not acquired, 126/127 not executable/not found."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command only while this process holds a leader office.
+    Elect(elect::ElectArgs),
+    /// Start a throw-away single-node etcd for trying conch on one machine (never production).
+    Dev(dev::DevArgs),
+    /// Print the version, the commit, and the containment mode conch would use here.
+    Version,
+    /// Print shell completion for bash, zsh or fish.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Parse argv, run the command, and turn its result into conch's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => exit::OK,
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => exit::USAGE,
+                _ => exit::USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    global::init_logging(&cli.global);
+    install_panic_hook();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("conch: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let code = runtime.block_on(dispatch(cli));
+    // Nothing of ours may keep running: tasks end with the runtime; children were waited for.
+    drop(runtime);
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Elect(a) => elect::run(&cli.global, a).await,
+        Command::Dev(a) => dev::run(&cli.global, a).await,
+        Command::Version => version::run(&cli.global),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "conch", &mut std::io::stdout());
+            exit::OK
+        }
+    }
+}
+
+/// A panic kills every live child tree before the process unwinds and exits: no child may
+/// outlive conch because of a bug in conch.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        crate::child::kill_all_live();
+        default(info);
+    }));
+}
+
+/// Print an error and its causes once, as `conch: a: b: c`.
+pub(crate) fn report(e: &dyn std::error::Error) {
+    eprintln!("conch: {}", crate::etcd::chain(e));
+}
+
+/// A usage error found after parsing (exit 64).
+pub(crate) fn usage(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("conch: {msg}");
+    eprintln!("Try 'conch --help' (or '<command> --help') for more information.");
+    exit::USAGE
+}

@@ -1,0 +1,178 @@
+//! `CLOCK_BOOTTIME`: the clock the hold deadline lives on.
+//!
+//! etcd's lease keeps running while this machine is suspended, so the deadline must too:
+//! `std::time::Instant` and tokio's timers use `CLOCK_MONOTONIC`, which stops during suspend
+//! and would let a child outlive its lease after a resume. [`BootInstant`] reads
+//! `CLOCK_BOOTTIME`; [`BootTimer`] is a timerfd on the same clock, awaited through tokio.
+
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::ops::{Add, Sub};
+use std::time::Duration;
+
+use rustix::fd::OwnedFd;
+use rustix::time::{
+    ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
+};
+use tokio::io::unix::AsyncFd;
+
+/// A point on `CLOCK_BOOTTIME`, as time since boot. Pure value: arithmetic only; reading the
+/// clock is [`BootInstant::now`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BootInstant(Duration);
+
+impl BootInstant {
+    pub fn now() -> BootInstant {
+        let ts = rustix::time::clock_gettime(ClockId::Boottime);
+        BootInstant(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    /// For tests and maths: the instant `d` after boot.
+    pub const fn from_boot(d: Duration) -> BootInstant {
+        BootInstant(d)
+    }
+
+    pub const fn since_boot(self) -> Duration {
+        self.0
+    }
+
+    /// `self − earlier`, or zero when `earlier` is later.
+    pub fn saturating_since(self, earlier: BootInstant) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// `self − d`, never before boot.
+    pub fn saturating_sub(self, d: Duration) -> BootInstant {
+        BootInstant(self.0.saturating_sub(d))
+    }
+}
+
+impl Add<Duration> for BootInstant {
+    type Output = BootInstant;
+    fn add(self, d: Duration) -> BootInstant {
+        BootInstant(self.0 + d)
+    }
+}
+
+impl Sub<BootInstant> for BootInstant {
+    type Output = Duration;
+    /// Saturating: an instant already past gives zero.
+    fn sub(self, earlier: BootInstant) -> Duration {
+        self.saturating_since(earlier)
+    }
+}
+
+/// A one-shot timer on `CLOCK_BOOTTIME` (a non-blocking timerfd in tokio's reactor).
+///
+/// `set` re-arms it for an absolute instant; `wait` resolves once that instant has passed.
+/// A disarmed timer never fires.
+#[derive(Debug)]
+pub struct BootTimer {
+    fd: AsyncFd<OwnedFd>,
+    armed: Option<BootInstant>,
+}
+
+impl BootTimer {
+    /// Needs a tokio runtime with IO enabled.
+    pub fn new() -> io::Result<BootTimer> {
+        let fd = rustix::time::timerfd_create(
+            TimerfdClockId::Boottime,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        // `AsyncFd::new` is deprecated because a borrowed descriptor could be closed under the
+        // reactor; an `OwnedFd` moved into the `AsyncFd` lives exactly as long as it does.
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(fd)?;
+        Ok(BootTimer { fd, armed: None })
+    }
+
+    /// Arm for `at` (absolute). An instant in the past fires at once.
+    pub fn set(&mut self, at: BootInstant) -> io::Result<()> {
+        if self.armed == Some(at) {
+            return Ok(());
+        }
+        // An all-zero it_value would disarm the timer: the earliest real instant is 1 ns.
+        let at_d = at.0.max(Duration::from_nanos(1));
+        let spec = Itimerspec {
+            it_interval: Timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: Timespec { tv_sec: at_d.as_secs() as _, tv_nsec: at_d.subsec_nanos() as _ },
+        };
+        rustix::time::timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::ABSTIME, &spec)?;
+        self.armed = Some(at);
+        Ok(())
+    }
+
+    /// The instant the timer is armed for, if any.
+    pub fn armed(&self) -> Option<BootInstant> {
+        self.armed
+    }
+
+    /// Resolve once the armed instant has passed; pends forever when disarmed.
+    /// Cancel-safe: dropping the future loses nothing (the expiry stays readable).
+    pub async fn wait(&mut self) {
+        let Some(at) = self.armed else {
+            return std::future::pending().await;
+        };
+        loop {
+            if BootInstant::now() >= at {
+                return;
+            }
+            let mut guard = match self.fd.readable().await {
+                Ok(g) => g,
+                // The reactor is gone: fall back to checking the clock on tokio's timer.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let mut buf = [0u8; 8];
+            match rustix::io::read(self.fd.get_ref(), &mut buf) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(_) => guard.clear_ready(),
+            }
+        }
+    }
+}
+
+/// Sleep until `at` on `CLOCK_BOOTTIME`.
+pub async fn sleep_until(at: BootInstant) -> io::Result<()> {
+    let mut t = BootTimer::new()?;
+    t.set(at)?;
+    t.wait().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_clock_moves_forward() {
+        let a = BootInstant::now();
+        let b = BootInstant::now();
+        assert!(b >= a);
+        assert_eq!(a - b, Duration::ZERO, "subtraction saturates");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn timer_fires_after_its_instant_and_can_be_rearmed() {
+        let start = BootInstant::now();
+        let mut t = BootTimer::new().unwrap();
+        t.set(start + Duration::from_secs(3600)).unwrap();
+        t.set(start + Duration::from_millis(30)).unwrap();
+        t.wait().await;
+        assert!(BootInstant::now() - start >= Duration::from_millis(30));
+        // A past instant fires at once.
+        t.set(start).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), t.wait()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn disarmed_timer_never_fires() {
+        let mut t = BootTimer::new().unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(20), t.wait()).await;
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! The key schema (public API, versioned under `v1`), validated names, and holder records.
+//!
+//! ```text
+//! <prefix>/v1/elect/<office>/<lease-hex>    one key per candidate; value = holder record
+//! ```
+//! Names never contain `/`, so one name's keys never fall under another name's prefix.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted name: long enough for any sensible office, short enough for a cgroup leaf.
+pub const NAME_MAX: usize = 128;
+
+/// Longest `cmd` stored in a holder record, in bytes (cut on a UTF-8 boundary).
+pub const CMD_MAX: usize = 256;
+
+/// A validated office / semaphore / job name: 1–128 characters from `A-Z a-z 0-9 . _ -`,
+/// not starting with `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Name(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is {0} characters long; at most {NAME_MAX} are allowed")]
+    TooLong(usize),
+    #[error("name must not start with '.'")]
+    LeadingDot,
+    #[error("name contains {0}; only A-Z a-z 0-9 . _ - are allowed")]
+    BadChar(String),
+}
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Name, NameError> {
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            let shown = match c {
+                ' ' => "a space".to_string(),
+                '\0' => "a NUL byte".to_string(),
+                '/' => "'/'".to_string(),
+                c if c.is_control() => format!("control character U+{:04X}", c as u32),
+                c => format!("'{c}'"),
+            };
+            return Err(NameError::BadChar(shown));
+        }
+        let len = s.chars().count();
+        if len > NAME_MAX {
+            return Err(NameError::TooLong(len));
+        }
+        if s.starts_with('.') {
+            return Err(NameError::LeadingDot);
+        }
+        Ok(Name(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An etcd lease id, shown as 16 lower-case hex digits (as in keys and `CONCH_LEASE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0 as u64)
+    }
+}
+
+/// A create revision: the fencing token `CONCH_REV`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(pub i64);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The key prefix all of conch's keys live under (`--prefix`, default `/conch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// Accepts any non-empty prefix; a trailing `/` is dropped so `/conch/` and `/conch` agree.
+    pub fn parse(s: &str) -> Result<Prefix, String> {
+        let trimmed = s.trim_end_matches('/');
+        if trimmed.is_empty() && !s.is_empty() {
+            return Ok(Prefix(String::new()));
+        }
+        if s.is_empty() {
+            return Err("prefix is empty".into());
+        }
+        if s.contains('\0') {
+            return Err("prefix contains a NUL byte".into());
+        }
+        Ok(Prefix(trimmed.to_string()))
+    }
+
+    /// `<prefix>/v1/elect/<office>/`: every candidate of one office, with the trailing slash
+    /// so `api` never matches `api2`.
+    pub fn elect_office(&self, office: &Name) -> String {
+        format!("{}/v1/elect/{}/", self.0, office)
+    }
+
+    /// `<prefix>/v1/elect/<office>/<lease-hex>`: one candidate's key.
+    pub fn elect_candidate(&self, office: &Name, lease: LeaseId) -> String {
+        format!("{}{}", self.elect_office(office), lease)
+    }
+}
+
+/// What a holder's key says about it. One-line JSON, fields in this order (public API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderRecord {
+    pub node: String,
+    /// conch's own pid (the record is written before the child exists).
+    pub pid: u32,
+    /// RFC 3339 UTC.
+    pub started: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    pub lease: String,
+    pub containment: String,
+}
+
+impl HolderRecord {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a holder record always serializes")
+    }
+
+    /// `None` for a value conch did not write (another tool's key, a corrupted value):
+    /// readers show such a holder as unknown, never crash.
+    pub fn parse(bytes: &[u8]) -> Option<HolderRecord> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The child argv joined by spaces, cut at [`CMD_MAX`] bytes on a UTF-8 boundary.
+pub fn cmd_summary<S: AsRef<std::ffi::OsStr>>(argv: &[S]) -> String {
+    let joined = argv
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    cut_utf8(&joined, CMD_MAX).to_string()
+}
+
+fn cut_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC (`2026-06-12T10:15:00Z`), without a date crate.
+pub fn rfc3339_utc(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Now, as RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339_utc(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_accept_the_allowed_alphabet() {
+        for ok in ["a", "api-leader", "db.primary_2", "A-Z.09", &"x".repeat(128)] {
+            assert_eq!(Name::parse(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn names_reject_with_the_reason() {
+        assert_eq!(Name::parse(""), Err(NameError::Empty));
+        assert_eq!(Name::parse(&"x".repeat(129)), Err(NameError::TooLong(129)));
+        assert_eq!(Name::parse(".hidden"), Err(NameError::LeadingDot));
+        assert_eq!(Name::parse("a/b"), Err(NameError::BadChar("'/'".into())));
+        assert_eq!(Name::parse("a b"), Err(NameError::BadChar("a space".into())));
+        assert_eq!(Name::parse("a\0b"), Err(NameError::BadChar("a NUL byte".into())));
+        assert_eq!(Name::parse("é"), Err(NameError::BadChar("'é'".into())));
+        assert!(Name::parse("a\nb").unwrap_err().to_string().contains("U+000A"));
+    }
+
+    #[test]
+    fn keys_follow_the_schema() {
+        let p = Prefix::parse("/conch/").unwrap();
+        let n = Name::parse("api").unwrap();
+        assert_eq!(p.elect_office(&n), "/conch/v1/elect/api/");
+        assert_eq!(
+            p.elect_candidate(&n, LeaseId(0x694d7b5c1e2a3f01)),
+            "/conch/v1/elect/api/694d7b5c1e2a3f01"
+        );
+        assert_eq!(LeaseId(1).to_string(), "0000000000000001");
+        assert!(Prefix::parse("").is_err());
+    }
+
+    #[test]
+    fn holder_record_field_order_is_stable() {
+        let r = HolderRecord {
+            node: "db2".into(),
+            pid: 4242,
+            started: "2026-06-12T10:15:00Z".into(),
+            cmd: Some("pg_ctl start".into()),
+            lease: "694d7b5c1e2a3f01".into(),
+            containment: "cgroup".into(),
+        };
+        assert_eq!(
+            r.to_json(),
+            r#"{"node":"db2","pid":4242,"started":"2026-06-12T10:15:00Z","cmd":"pg_ctl start","lease":"694d7b5c1e2a3f01","containment":"cgroup"}"#
+        );
+        assert_eq!(HolderRecord::parse(r.to_json().as_bytes()), Some(r));
+        assert_eq!(HolderRecord::parse(b"not json"), None);
+        assert_eq!(HolderRecord::parse(br#"{"node":1}"#), None);
+    }
+
+    #[test]
+    fn cmd_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(200); // 400 bytes
+        let s = cmd_summary(&[long.as_str()]);
+        assert!(s.len() <= CMD_MAX && s.len() >= CMD_MAX - 1);
+        assert!(s.chars().all(|c| c == 'é'));
+        assert_eq!(cmd_summary(&["pg_ctl", "start"]), "pg_ctl start");
+    }
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_781_259_300), "2026-06-12T10:15:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}

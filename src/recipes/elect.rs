@@ -1,0 +1,523 @@
+//! `conch elect`: run a command while holding a leader office (primitives.md, elect).
+//!
+//! Each candidate creates `<prefix>/v1/elect/<office>/<lease-hex>` only if absent, bound to its
+//! own lease. The holder is the candidate with the lowest create revision; a waiter watches
+//! only the candidate just ahead of it (no herd). After winning, ownership is confirmed in one
+//! transaction and the remaining time checked before anything runs (holds.md §4).
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
+
+use super::backoff::Backoff;
+use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
+use crate::etcd::{CallError, Etcd};
+use crate::hold::clock::{BootInstant, BootTimer};
+use crate::hold::lease::{GrantError, Lease};
+use crate::hold::loss::Loss;
+use crate::hold::signals::{Sig, Signals};
+use crate::hold::{self, HoldCtx, RunEnd};
+use crate::hold_event;
+use crate::keys::{self, HolderRecord, Name, Prefix, Revision};
+
+/// Everything `conch elect … -- cmd` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ElectConfig {
+    pub office: Name,
+    pub prefix: Prefix,
+    pub node: String,
+    pub ttl: Duration,
+    pub grace: Duration,
+    /// `None`: wait forever; `Some(0)`: `--nonblock`.
+    pub wait: Option<Duration>,
+    pub restart: bool,
+    pub on_acquire: Option<String>,
+    pub on_lose: Option<String>,
+    pub hook_timeout: Duration,
+    pub cmd: Vec<OsString>,
+}
+
+/// How `conch elect` ended: expected endings are values; the CLI maps them to exit codes.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The child ran under the hold and exited like this.
+    Exited(Exit),
+    /// The child could not be started (126/127).
+    SpawnFailed(SpawnError),
+    /// The hold was lost while the child ran; the tree was killed.
+    Lost(Loss),
+    /// Not acquired: `--nonblock`, `--wait` expired, or `--on-acquire` failed.
+    NotAcquired(NotAcquired),
+    /// conch was told to stop by `signal`; `child` is the child's exit if one ran.
+    Stopped { signal: i32, child: Option<Exit> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAcquired {
+    Held,
+    WaitExpired,
+    HookFailed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElectError {
+    #[error(transparent)]
+    Etcd(#[from] CallError),
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error("etcd holds {0} under another lease")]
+    Foreign(String),
+}
+
+/// The result of one campaign.
+enum Campaign {
+    Won(Lease, HoldCtx),
+    NotAcquired(NotAcquired),
+    Stopped(i32),
+}
+
+/// Run `conch elect`: campaign, run, and with `--restart` do it again, forever.
+pub async fn run(
+    etcd: &Etcd,
+    cfg: &ElectConfig,
+    containment: &Containment,
+    signals: &mut Signals,
+) -> Result<Outcome, ElectError> {
+    let mut backoff = Backoff::new(fastrand::Rng::new());
+    loop {
+        let give_up_at = cfg.wait.map(|w| BootInstant::now() + w);
+        let (outcome, ran) = match round(etcd, cfg, containment, signals, give_up_at).await {
+            Ok(r) => r,
+            Err(e) if cfg.restart => {
+                tracing::warn!(name = %cfg.office, error = %e, "campaign failed; retrying");
+                (None, Duration::ZERO)
+            }
+            Err(e) => return Err(e),
+        };
+        match outcome {
+            Some(o @ (Outcome::Stopped { .. } | Outcome::NotAcquired(NotAcquired::Held | NotAcquired::WaitExpired))) => {
+                return Ok(o);
+            }
+            Some(o) if !cfg.restart => return Ok(o),
+            _ => {}
+        }
+        let pause = backoff.next(ran);
+        tracing::info!(name = %cfg.office, pause_ms = pause.as_millis() as u64, "restart");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            sig = stop_signal(signals) => return Ok(Outcome::Stopped { signal: sig, child: None }),
+        }
+    }
+}
+
+/// One campaign and one run. Returns the outcome (None: nothing to report, campaign again)
+/// and how long the child ran.
+async fn round(
+    etcd: &Etcd,
+    cfg: &ElectConfig,
+    containment: &Containment,
+    signals: &mut Signals,
+    give_up_at: Option<BootInstant>,
+) -> Result<(Option<Outcome>, Duration), ElectError> {
+    let (mut lease, ctx) = match campaign(etcd, cfg, containment, signals, give_up_at).await? {
+        Campaign::Won(lease, ctx) => (lease, ctx),
+        Campaign::NotAcquired(n) => return Ok((Some(Outcome::NotAcquired(n)), Duration::ZERO)),
+        Campaign::Stopped(sig) => return Ok((Some(Outcome::Stopped { signal: sig, child: None }), Duration::ZERO)),
+    };
+    let env = child_env(cfg, &ctx);
+
+    if let Some(hook) = &cfg.on_acquire {
+        let end = run_hook_held(hook, "on-acquire", &env, &ctx, containment, &mut lease, signals, cfg.hook_timeout).await;
+        match end {
+            Ok(RunEnd::Exited(Exit::Code(0))) => {}
+            Ok(RunEnd::Lost(loss, _)) => {
+                lease.revoke().await;
+                return Ok((Some(Outcome::Lost(loss)), Duration::ZERO));
+            }
+            Ok(RunEnd::Stopped(sig, _)) => {
+                hold::release(etcd, lease, &ctx).await;
+                return Ok((Some(Outcome::Stopped { signal: sig, child: None }), Duration::ZERO));
+            }
+            Ok(other) => {
+                let why = match other {
+                    RunEnd::TimedOut(_) => format!("--on-acquire timed out after {}", humantime::format_duration(cfg.hook_timeout)),
+                    RunEnd::Exited(e) => format!("--on-acquire failed ({})", describe_exit(e)),
+                    _ => unreachable!("handled above"),
+                };
+                tracing::warn!(name = %ctx.name, reason = %why, "not acquired");
+                hold::release(etcd, lease, &ctx).await;
+                return Ok((Some(Outcome::NotAcquired(NotAcquired::HookFailed(why))), Duration::ZERO));
+            }
+            Err(e) => {
+                tracing::warn!(name = %ctx.name, error = %e, "--on-acquire could not start");
+                hold::release(etcd, lease, &ctx).await;
+                return Ok((Some(Outcome::NotAcquired(NotAcquired::HookFailed(e.to_string()))), Duration::ZERO));
+            }
+        }
+    }
+
+    // The hold may have been lost during the hook: never start the child without it.
+    let st = lease.state();
+    if let Some(loss) = st.lost.clone() {
+        hold_event!(warn, ctx, "lost", reason = %loss);
+        lease.revoke().await;
+        return Ok((Some(Outcome::Lost(loss)), Duration::ZERO));
+    }
+    if st.deadline.term_at(cfg.grace) <= BootInstant::now() {
+        hold_event!(warn, ctx, "lost", reason = %Loss::Deadline);
+        lease.revoke().await;
+        return Ok((Some(Outcome::Lost(Loss::Deadline)), Duration::ZERO));
+    }
+
+    let cmd = ChildCommand { argv: cfg.cmd.clone(), env: env.clone(), cgroup_leaf: leaf("elect", &ctx) };
+    let mut tree = match Tree::spawn(containment, &cmd) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(name = %ctx.name, error = %e, "child could not start");
+            run_on_lose(cfg, &env, &ctx, containment, Some(&mut lease), signals).await;
+            hold::release(etcd, lease, &ctx).await;
+            return Ok((Some(Outcome::SpawnFailed(e)), Duration::ZERO));
+        }
+    };
+    let started = BootInstant::now();
+    hold_event!(info, ctx, "child-start", pid = tree.pid());
+    let end = hold::supervise(&mut lease, &mut tree, signals, &ctx, None).await;
+    drop(tree);
+    let ran = BootInstant::now() - started;
+    let outcome = match end {
+        RunEnd::Lost(loss, _) => {
+            lease.revoke().await;
+            run_on_lose(cfg, &env, &ctx, containment, None, signals).await;
+            Outcome::Lost(loss)
+        }
+        RunEnd::Exited(exit) => {
+            run_on_lose(cfg, &env, &ctx, containment, Some(&mut lease), signals).await;
+            hold::release(etcd, lease, &ctx).await;
+            Outcome::Exited(exit)
+        }
+        RunEnd::Stopped(signal, exit) => {
+            run_on_lose(cfg, &env, &ctx, containment, Some(&mut lease), signals).await;
+            hold::release(etcd, lease, &ctx).await;
+            Outcome::Stopped { signal, child: Some(exit) }
+        }
+        RunEnd::TimedOut(exit) => {
+            // The child has no time limit; treat like an exit.
+            hold::release(etcd, lease, &ctx).await;
+            Outcome::Exited(exit)
+        }
+    };
+    Ok((Some(outcome), ran))
+}
+
+/// Campaign until this candidate holds the office, gives up, or is told to stop.
+async fn campaign(
+    etcd: &Etcd,
+    cfg: &ElectConfig,
+    containment: &Containment,
+    signals: &mut Signals,
+    give_up_at: Option<BootInstant>,
+) -> Result<Campaign, ElectError> {
+    let since = BootInstant::now();
+    let office = cfg.prefix.elect_office(&cfg.office);
+    loop {
+        let mut lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
+        let key = cfg.prefix.elect_candidate(&cfg.office, lease.id());
+        let record = HolderRecord {
+            node: cfg.node.clone(),
+            pid: std::process::id(),
+            started: keys::now_rfc3339(),
+            cmd: Some(keys::cmd_summary(&cfg.cmd)),
+            lease: lease.id().to_string(),
+            containment: containment.mode.as_str().to_string(),
+        };
+        let rev = match create_key(etcd, &key, &record.to_json(), &lease).await {
+            Ok(rev) => rev,
+            Err(e) => {
+                lease.revoke().await;
+                return Err(e);
+            }
+        };
+        let ctx = HoldCtx { name: cfg.office.to_string(), key: key.clone(), rev, lease: lease.id(), since };
+        hold_event!(info, ctx, "campaign");
+
+        match wait_for_turn(etcd, &office, &mut lease, &ctx, signals, give_up_at, cfg.wait == Some(Duration::ZERO)).await? {
+            Turn::Ours => {}
+            Turn::GiveUp(n) => {
+                hold::release(etcd, lease, &ctx).await;
+                return Ok(Campaign::NotAcquired(n));
+            }
+            Turn::Stopped(sig) => {
+                hold::release(etcd, lease, &ctx).await;
+                return Ok(Campaign::Stopped(sig));
+            }
+            Turn::LostWaiting(loss) => {
+                hold_event!(warn, ctx, "lost", reason = %loss, waiting = true);
+                lease.revoke().await;
+                if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
+                    return Ok(Campaign::NotAcquired(NotAcquired::WaitExpired));
+                }
+                continue;
+            }
+        }
+
+        // The epilogue (holds.md §4): the own key still exists with our create revision …
+        let verified = verify_own_key(etcd, &key, rev).await?;
+        let Some(header_rev) = verified else {
+            hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
+            lease.revoke().await;
+            continue;
+        };
+        // … and enough time is left to kill a tree before D.
+        let st = lease.state();
+        if st.lost.is_some() || !st.deadline.fits_run(BootInstant::now(), cfg.grace) {
+            hold_event!(warn, ctx, "lost", reason = %Loss::Deadline, waiting = true);
+            lease.revoke().await;
+            continue;
+        }
+        lease.guard_key(key.clone(), rev, header_rev + 1);
+        hold_event!(info, ctx, "acquired");
+        return Ok(Campaign::Won(lease, ctx));
+    }
+}
+
+enum Turn {
+    Ours,
+    GiveUp(NotAcquired),
+    Stopped(i32),
+    LostWaiting(Loss),
+}
+
+/// Wait until no candidate with a lower create revision is left. Watches only the candidate
+/// just ahead; on any watch trouble it re-reads.
+async fn wait_for_turn(
+    etcd: &Etcd,
+    office: &str,
+    lease: &mut Lease,
+    ctx: &HoldCtx,
+    signals: &mut Signals,
+    give_up_at: Option<BootInstant>,
+    nonblock: bool,
+) -> Result<Turn, ElectError> {
+    let mut timer = BootTimer::new().map_err(|e| CallError {
+        what: "deadline timer",
+        detail: e.to_string(),
+        kind: crate::etcd::CallErrorKind::Other,
+    })?;
+    loop {
+        let ahead = predecessor(etcd, office, ctx.rev).await?;
+        let Some((pred, header_rev)) = ahead else {
+            return Ok(Turn::Ours);
+        };
+        let now = BootInstant::now();
+        if give_up_at.is_some_and(|g| now >= g) {
+            return Ok(Turn::GiveUp(give_up_reason(nonblock)));
+        }
+        tracing::debug!(name = %ctx.name, ahead = %pred, "waiting");
+        let (idx, mut client) = etcd.client();
+        let p = pred.clone();
+        let watch = etcd
+            .bounded("watch candidate ahead", async move {
+                client.watch(p, Some(WatchOptions::new().with_start_revision(header_rev + 1))).await
+            })
+            .await;
+        let mut events = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                etcd.rotate(idx);
+                return Err(e.into());
+            }
+        };
+        loop {
+            let st = lease.mark_seen();
+            if let Some(loss) = st.lost {
+                return Ok(Turn::LostWaiting(loss));
+            }
+            // A waiter has no child to kill: its lease is lost at D itself.
+            let wake = give_up_at.map_or(st.deadline.at(), |g| g.min(st.deadline.at()));
+            if BootInstant::now() >= st.deadline.at() {
+                return Ok(Turn::LostWaiting(Loss::Deadline));
+            }
+            if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
+                return Ok(Turn::GiveUp(give_up_reason(nonblock)));
+            }
+            let _ = timer.set(wake);
+            tokio::select! {
+                biased;
+                _ = timer.wait() => {}
+                _ = lease.changed() => {}
+                sig = signals.recv() => if let Sig::Stop(n) = sig { return Ok(Turn::Stopped(n)) },
+                msg = events.message() => match msg {
+                    Ok(Some(resp)) => {
+                        let gone = resp.events().iter().any(|e| e.event_type() == EventType::Delete);
+                        if gone || resp.canceled() {
+                            break;
+                        }
+                    }
+                    // The watch ended (etcd restart, failover): re-read who is ahead.
+                    _ => break,
+                },
+            }
+        }
+    }
+}
+
+fn give_up_reason(nonblock: bool) -> NotAcquired {
+    if nonblock { NotAcquired::Held } else { NotAcquired::WaitExpired }
+}
+
+/// Create the own key only if absent, bound to the lease. Safe to repeat: a repeat finds the
+/// key already there on our own lease and reads its create revision.
+async fn create_key(etcd: &Etcd, key: &str, value: &str, lease: &Lease) -> Result<Revision, ElectError> {
+    let id = lease.id().0;
+    let resp = etcd
+        .retry("create candidate key", |mut c| {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, value, Some(etcd_client::PutOptions::new().with_lease(id)))])
+                .or_else([TxnOp::get(key, None)]);
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    if resp.succeeded() {
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        return Ok(Revision(rev));
+    }
+    for op in resp.op_responses() {
+        if let etcd_client::TxnOpResponse::Get(g) = op {
+            if let Some(kv) = g.kvs().first() {
+                if kv.lease() == id {
+                    return Ok(Revision(kv.create_revision()));
+                }
+            }
+        }
+    }
+    Err(ElectError::Foreign(key.to_string()))
+}
+
+/// The candidate just ahead of `rev` (highest create revision below it), with the revision
+/// of the read.
+async fn predecessor(etcd: &Etcd, office: &str, rev: Revision) -> Result<Option<(String, i64)>, ElectError> {
+    let resp = etcd
+        .retry("read candidates", |mut c| async move {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_max_create_revision(rev.0 - 1)
+                .with_limit(1)
+                .with_keys_only();
+            c.get(office, Some(opts)).await
+        })
+        .await?;
+    let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+    Ok(resp.kvs().first().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), header_rev)))
+}
+
+/// The acquisition check: the own key still exists with our create revision. Returns the
+/// revision of the check, or `None` when the key is no longer ours.
+async fn verify_own_key(etcd: &Etcd, key: &str, rev: Revision) -> Result<Option<i64>, ElectError> {
+    let resp = etcd
+        .retry("verify own key", |mut c| {
+            let txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, rev.0)]);
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
+}
+
+fn child_env(cfg: &ElectConfig, ctx: &HoldCtx) -> Vec<(OsString, OsString)> {
+    [
+        ("CONCH_NAME", ctx.name.clone()),
+        ("CONCH_REV", ctx.rev.to_string()),
+        ("CONCH_KEY", ctx.key.clone()),
+        ("CONCH_LEASE", ctx.lease.to_string()),
+        ("CONCH_NODE", cfg.node.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+    .collect()
+}
+
+/// The cgroup leaf: `<kind>-<name>-<lease-hex>` (names are already safe path components).
+fn leaf(kind: &str, ctx: &HoldCtx) -> String {
+    format!("{kind}-{}-{}", ctx.name, ctx.lease)
+}
+
+fn describe_exit(e: Exit) -> String {
+    match e {
+        Exit::Code(c) => format!("exit {c}"),
+        Exit::Signal(s) => format!("killed by signal {s}"),
+    }
+}
+
+/// Run a hook (`sh -c`) in its own cgroup under the hold, bounded by `--hook-timeout`.
+#[allow(clippy::too_many_arguments)]
+async fn run_hook_held(
+    hook: &str,
+    kind: &str,
+    env: &[(OsString, OsString)],
+    ctx: &HoldCtx,
+    containment: &Containment,
+    lease: &mut Lease,
+    signals: &mut Signals,
+    timeout: Duration,
+) -> Result<RunEnd, SpawnError> {
+    let cmd = hook_command(hook, kind, env, ctx);
+    let mut tree = Tree::spawn(containment, &cmd)?;
+    tracing::info!(name = %ctx.name, hook = kind, pid = tree.pid(), "hook-start");
+    let end = hold::supervise(lease, &mut tree, signals, ctx, Some(BootInstant::now() + timeout)).await;
+    tracing::info!(name = %ctx.name, hook = kind, end = ?end, "hook-end");
+    Ok(end)
+}
+
+fn hook_command(hook: &str, kind: &str, env: &[(OsString, OsString)], ctx: &HoldCtx) -> ChildCommand {
+    ChildCommand {
+        argv: vec!["sh".into(), "-c".into(), hook.into()],
+        env: env.to_vec(),
+        cgroup_leaf: format!("{}-{kind}", leaf("elect", ctx)),
+    }
+}
+
+/// `--on-lose`: after the child tree is dead, before release or re-campaign; best effort.
+/// Runs under the hold when it is still held, else on its own, bounded by `--hook-timeout`.
+async fn run_on_lose(
+    cfg: &ElectConfig,
+    env: &[(OsString, OsString)],
+    ctx: &HoldCtx,
+    containment: &Containment,
+    lease: Option<&mut Lease>,
+    signals: &mut Signals,
+) {
+    let Some(hook) = &cfg.on_lose else { return };
+    match lease {
+        Some(lease) => {
+            if let Err(e) = run_hook_held(hook, "on-lose", env, ctx, containment, lease, signals, cfg.hook_timeout).await {
+                tracing::warn!(name = %ctx.name, error = %e, "--on-lose could not start");
+            }
+        }
+        None => {
+            let cmd = hook_command(hook, "on-lose", env, ctx);
+            let mut tree = match Tree::spawn(containment, &cmd) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(name = %ctx.name, error = %e, "--on-lose could not start");
+                    return;
+                }
+            };
+            let done = tokio::time::timeout(cfg.hook_timeout, tree.wait()).await;
+            if done.is_err() {
+                tracing::warn!(name = %ctx.name, "--on-lose timed out");
+            }
+            tree.shutdown(cfg.grace).await;
+        }
+    }
+}
+
+/// Wait for a stop signal (forwardable signals are ignored: no child runs now).
+async fn stop_signal(signals: &mut Signals) -> i32 {
+    loop {
+        if let Sig::Stop(n) = signals.recv().await {
+            return n;
+        }
+    }
+}
