@@ -52,7 +52,11 @@ impl std::fmt::Debug for Credentials {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot read {what} {path}: {source}")]
-    File { what: &'static str, path: PathBuf, source: std::io::Error },
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad endpoint {endpoint}: {reason}")]
     Endpoint { endpoint: String, reason: String },
     #[error("no etcd endpoint answered within the dial timeout ({timeout}): {detail}")]
@@ -141,9 +145,18 @@ impl Etcd {
             match tokio::time::timeout_at(until, set.join_next()).await {
                 Ok(Some(Ok((i, ep, Ok((client, version)))))) => {
                     if info.is_none() {
-                        info = Some(ServerInfo { endpoint: ep.clone(), version });
+                        info = Some(ServerInfo {
+                            endpoint: ep.clone(),
+                            version,
+                        });
                     }
-                    members.push((i, Member { endpoint: ep, client }));
+                    members.push((
+                        i,
+                        Member {
+                            endpoint: ep,
+                            client,
+                        },
+                    ));
                 }
                 Ok(Some(Ok((_, ep, Err(e))))) => failures.push((ep, e)),
                 Ok(Some(Err(join))) => {
@@ -157,7 +170,10 @@ impl Etcd {
             return Err(classify_connect_failure(cfg, failures));
         };
         members.sort_by_key(|(i, _)| *i);
-        let first = members.iter().position(|(_, m)| m.endpoint == info.endpoint).unwrap_or(0);
+        let first = members
+            .iter()
+            .position(|(_, m)| m.endpoint == info.endpoint)
+            .unwrap_or(0);
         let etcd = Etcd {
             members: Arc::new(members.into_iter().map(|(_, m)| m).collect()),
             current: Arc::new(AtomicUsize::new(first)),
@@ -281,7 +297,11 @@ fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, ConnectError> {
 }
 
 fn read(path: &PathBuf, what: &'static str) -> Result<Vec<u8>, ConnectError> {
-    std::fs::read(path).map_err(|source| ConnectError::File { what, path: path.clone(), source })
+    std::fs::read(path).map_err(|source| ConnectError::File {
+        what,
+        path: path.clone(),
+        source,
+    })
 }
 
 /// The error and all its sources, joined with `: `.
@@ -328,12 +348,13 @@ fn classify_connect_failure(
     for (ep, e) in &failures {
         let text = chain(e);
         let lower = text.to_lowercase();
-        if let etcd_client::Error::GRpcStatus(s) = e {
-            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
-                || lower.contains("authentication failed")
-            {
-                return ConnectError::Auth(format!("{ep}: {}", s.message()));
-            }
+        if let etcd_client::Error::GRpcStatus(s) = e
+            && (matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || lower.contains("authentication failed"))
+        {
+            return ConnectError::Auth(format!("{ep}: {}", s.message()));
         }
         if lower.contains("certificate")
             || lower.contains("tls")
@@ -343,13 +364,20 @@ fn classify_connect_failure(
             return ConnectError::Tls(format!("{ep}: {text}"));
         }
         if let etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_) = e {
-            return ConnectError::Endpoint { endpoint: ep.clone(), reason: text };
+            return ConnectError::Endpoint {
+                endpoint: ep.clone(),
+                reason: text,
+            };
         }
     }
     let detail = if failures.is_empty() {
         format!("tried {}", cfg.endpoints.join(", "))
     } else {
-        failures.iter().map(|(ep, e)| format!("{ep}: {}", chain(e))).collect::<Vec<_>>().join("; ")
+        failures
+            .iter()
+            .map(|(ep, e)| format!("{ep}: {}", chain(e)))
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     ConnectError::Unreachable {
         timeout: humantime::format_duration(cfg.dial_timeout).to_string(),
@@ -362,12 +390,17 @@ const FIXED_RELEASES: [(u32, u32, u32); 3] = [(3, 6, 9), (3, 5, 28), (3, 4, 42)]
 
 /// A warning when `version` is older than the releases that fixed etcd's lease bugs.
 pub fn version_warning(version: &str) -> Option<String> {
-    let mut it = version.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let mut it = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
     let v: Vec<u32> = it.by_ref().take(3).filter_map(|s| s.parse().ok()).collect();
     let [maj, min, patch] = v[..] else {
         return Some(format!("etcd server version {version:?} not understood"));
     };
-    let old = match FIXED_RELEASES.iter().find(|(a, b, _)| (*a, *b) == (maj, min)) {
+    let old = match FIXED_RELEASES
+        .iter()
+        .find(|(a, b, _)| (*a, *b) == (maj, min))
+    {
         Some(&(_, _, fixed)) => patch < fixed,
         None => (maj, min) < (3, 4),
     };
@@ -399,7 +432,10 @@ mod tests {
 
     #[test]
     fn credentials_debug_hides_the_password() {
-        let c = Credentials { user: "u".into(), password: "hunter2".into() };
+        let c = Credentials {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

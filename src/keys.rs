@@ -203,7 +203,13 @@ mod tests {
 
     #[test]
     fn names_accept_the_allowed_alphabet() {
-        for ok in ["a", "api-leader", "db.primary_2", "A-Z.09", &"x".repeat(128)] {
+        for ok in [
+            "a",
+            "api-leader",
+            "db.primary_2",
+            "A-Z.09",
+            &"x".repeat(128),
+        ] {
             assert_eq!(Name::parse(ok).unwrap().as_str(), ok);
         }
     }
@@ -214,10 +220,21 @@ mod tests {
         assert_eq!(Name::parse(&"x".repeat(129)), Err(NameError::TooLong(129)));
         assert_eq!(Name::parse(".hidden"), Err(NameError::LeadingDot));
         assert_eq!(Name::parse("a/b"), Err(NameError::BadChar("'/'".into())));
-        assert_eq!(Name::parse("a b"), Err(NameError::BadChar("a space".into())));
-        assert_eq!(Name::parse("a\0b"), Err(NameError::BadChar("a NUL byte".into())));
+        assert_eq!(
+            Name::parse("a b"),
+            Err(NameError::BadChar("a space".into()))
+        );
+        assert_eq!(
+            Name::parse("a\0b"),
+            Err(NameError::BadChar("a NUL byte".into()))
+        );
         assert_eq!(Name::parse("é"), Err(NameError::BadChar("'é'".into())));
-        assert!(Name::parse("a\nb").unwrap_err().to_string().contains("U+000A"));
+        assert!(
+            Name::parse("a\nb")
+                .unwrap_err()
+                .to_string()
+                .contains("U+000A")
+        );
     }
 
     #[test]

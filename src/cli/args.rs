@@ -10,7 +10,8 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration like 5s, 500ms or 1m30s ({e})"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?} is not a duration like 5s, 500ms or 1m30s ({e})"))
 }
 
 /// A strictly positive duration.

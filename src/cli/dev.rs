@@ -34,7 +34,10 @@ pub struct DevArgs {
 
 pub async fn run(g: &GlobalArgs, a: DevArgs) -> u8 {
     let Some(addr) = listen_addr(&a.listen) else {
-        return usage(format!("bad --listen {:?}: want http://HOST:PORT", a.listen));
+        return usage(format!(
+            "bad --listen {:?}: want http://HOST:PORT",
+            a.listen
+        ));
     };
     let Some(etcd_bin) = find_etcd(a.etcd_bin.as_deref()) else {
         eprintln!(
@@ -44,7 +47,12 @@ pub async fn run(g: &GlobalArgs, a: DevArgs) -> u8 {
         return exit::UNAVAILABLE;
     };
     if let Err(e) = TcpListener::bind(addr) {
-        eprintln!("conch: cannot listen on {addr}: {e}{}", holder_of(addr).map(|h| format!(" (held by {h})")).unwrap_or_default());
+        eprintln!(
+            "conch: cannot listen on {addr}: {e}{}",
+            holder_of(addr)
+                .map(|h| format!(" (held by {h})"))
+                .unwrap_or_default()
+        );
         return exit::UNAVAILABLE;
     }
     let peer = match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
@@ -56,7 +64,14 @@ pub async fn run(g: &GlobalArgs, a: DevArgs) -> u8 {
     };
     let (data_dir, temporary) = match &a.data_dir {
         Some(d) => (d.clone(), false),
-        None => (std::env::temp_dir().join(format!("conch-dev-{}-{:08x}", std::process::id(), fastrand::u32(..))), true),
+        None => (
+            std::env::temp_dir().join(format!(
+                "conch-dev-{}-{:08x}",
+                std::process::id(),
+                fastrand::u32(..)
+            )),
+            true,
+        ),
     };
     if let Err(e) = std::fs::create_dir_all(&data_dir) {
         eprintln!("conch: cannot create {}: {e}", data_dir.display());
@@ -69,7 +84,14 @@ pub async fn run(g: &GlobalArgs, a: DevArgs) -> u8 {
     code
 }
 
-async fn serve(g: &GlobalArgs, a: &DevArgs, etcd_bin: &Path, addr: SocketAddr, peer: SocketAddr, data_dir: &Path) -> u8 {
+async fn serve(
+    g: &GlobalArgs,
+    a: &DevArgs,
+    etcd_bin: &Path,
+    addr: SocketAddr,
+    peer: SocketAddr,
+    data_dir: &Path,
+) -> u8 {
     let client_url = format!("http://{addr}");
     let peer_url = format!("http://{peer}");
     let log = data_dir.join("etcd.log");
@@ -83,7 +105,11 @@ async fn serve(g: &GlobalArgs, a: &DevArgs, etcd_bin: &Path, addr: SocketAddr, p
         }
     };
     // etcd's own chatter goes to a log file so the demo stays readable.
-    let mut argv: Vec<OsString> = vec!["sh".into(), "-c".into(), "exec \"$0\" \"$@\" >>\"$CONCH_DEV_LOG\" 2>&1".into()];
+    let mut argv: Vec<OsString> = vec![
+        "sh".into(),
+        "-c".into(),
+        "exec \"$0\" \"$@\" >>\"$CONCH_DEV_LOG\" 2>&1".into(),
+    ];
     argv.push(etcd_bin.into());
     for s in [
         "--name=conch-dev".to_string(),
@@ -116,7 +142,10 @@ async fn serve(g: &GlobalArgs, a: &DevArgs, etcd_bin: &Path, addr: SocketAddr, p
         }
     };
     let Some(version) = version else {
-        eprintln!("conch: etcd did not answer within {READY_TIMEOUT:?}; its log: {}", log.display());
+        eprintln!(
+            "conch: etcd did not answer within {READY_TIMEOUT:?}; its log: {}",
+            log.display()
+        );
         etcd.shutdown(Duration::from_secs(5)).await;
         return exit::UNAVAILABLE;
     };
@@ -125,7 +154,9 @@ async fn serve(g: &GlobalArgs, a: &DevArgs, etcd_bin: &Path, addr: SocketAddr, p
         data_dir.display()
     );
     let code = if a.cmd.is_empty() {
-        eprintln!("conch dev: try   CONCH_ENDPOINTS={client_url} conch elect demo -- sh -c 'echo leader $CONCH_REV; sleep 5'");
+        eprintln!(
+            "conch dev: try   CONCH_ENDPOINTS={client_url} conch elect demo -- sh -c 'echo leader $CONCH_REV; sleep 5'"
+        );
         eprintln!("conch dev: Ctrl-C stops etcd");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -141,14 +172,20 @@ async fn serve(g: &GlobalArgs, a: &DevArgs, etcd_bin: &Path, addr: SocketAddr, p
 
 async fn run_cmd(containment: &Containment, argv: &[OsString], client_url: &str) -> u8 {
     let mut path = OsString::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         path.push(dir);
         path.push(":");
     }
     path.push(std::env::var_os("PATH").unwrap_or_default());
     let cmd = ChildCommand {
         argv: argv.to_vec(),
-        env: vec![("CONCH_ENDPOINTS".into(), client_url.into()), ("PATH".into(), path)],
+        env: vec![
+            ("CONCH_ENDPOINTS".into(), client_url.into()),
+            ("PATH".into(), path),
+        ],
         cgroup_leaf: format!("dev-cmd-{}", std::process::id()),
     };
     let mut tree = match Tree::spawn(containment, &cmd) {
@@ -217,27 +254,37 @@ fn find_etcd(explicit: Option<&Path>) -> Option<PathBuf> {
             }
         }
     }
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("etcd")).find(|p| p.is_file()))
-        .flatten()
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Which process listens on `addr`, from /proc (best effort): `pid 123 (etcd)`.
 fn holder_of(addr: SocketAddr) -> Option<String> {
     let port = format!("{:04X}", addr.port());
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()? + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
     let inode = table.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         // local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
-        (f.len() > 9 && f[1].ends_with(&format!(":{port}")) && f[3] == "0A").then(|| f[9].to_string())
+        (f.len() > 9 && f[1].ends_with(&format!(":{port}")) && f[3] == "0A")
+            .then(|| f[9].to_string())
     })?;
     let needle = format!("socket:[{inode}]");
     for proc in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == needle.as_str()) {
                 let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
-                return Some(format!("pid {} ({})", proc.file_name().to_string_lossy(), comm.trim()));
+                return Some(format!(
+                    "pid {} ({})",
+                    proc.file_name().to_string_lossy(),
+                    comm.trim()
+                ));
             }
         }
     }

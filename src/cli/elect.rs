@@ -14,12 +14,10 @@ use crate::recipes::query;
 
 /// conch elect <office> [flags] -- <cmd...>
 #[derive(Debug, Args)]
-#[command(
-    override_usage = "conch elect <OFFICE> [flags] -- <CMD>...\n       \
+#[command(override_usage = "conch elect <OFFICE> [flags] -- <CMD>...\n       \
                       conch elect <OFFICE> --who [--json]\n       \
                       conch elect <OFFICE> --watch [--json]\n       \
-                      conch elect <OFFICE> --assert [--min-rev N] [--json]"
-)]
+                      conch elect <OFFICE> --assert [--min-rev N] [--json]")]
 pub struct ElectArgs {
     /// The office: 1-128 characters from A-Z a-z 0-9 . _ - (not starting with '.').
     #[arg(value_parser = args::name)]
@@ -68,9 +66,17 @@ pub struct ElectArgs {
 pub async fn run(g: &GlobalArgs, a: ElectArgs) -> u8 {
     let query = a.who || a.watch || a.assert;
     if query {
-        let mode = if a.who { "--who" } else if a.watch { "--watch" } else { "--assert" };
+        let mode = if a.who {
+            "--who"
+        } else if a.watch {
+            "--watch"
+        } else {
+            "--assert"
+        };
         if !a.cmd.is_empty() {
-            return usage(format!("{mode} takes no command (remove the part after --)"));
+            return usage(format!(
+                "{mode} takes no command (remove the part after --)"
+            ));
         }
         for (set, flag) in [
             (a.restart, "--restart"),
@@ -127,7 +133,11 @@ pub async fn run(g: &GlobalArgs, a: ElectArgs) -> u8 {
         node,
         ttl,
         grace: a.kill_after,
-        wait: if a.nonblock { Some(Duration::ZERO) } else { a.wait },
+        wait: if a.nonblock {
+            Some(Duration::ZERO)
+        } else {
+            a.wait
+        },
         restart: a.restart,
         on_acquire: a.on_acquire.clone(),
         on_lose: a.on_lose.clone(),
@@ -151,7 +161,10 @@ fn exit_code(office: &Name, outcome: Outcome) -> u8 {
     match outcome {
         Outcome::Exited(e) => {
             let code = exit::of_child(e);
-            if matches!(code, exit::USAGE | exit::UNAVAILABLE | exit::LOST | exit::NOT_ACQUIRED) {
+            if matches!(
+                code,
+                exit::USAGE | exit::UNAVAILABLE | exit::LOST | exit::NOT_ACQUIRED
+            ) {
                 tracing::info!(name = %office, code, "the child itself exited with this code");
             }
             code
@@ -171,16 +184,24 @@ fn exit_code(office: &Name, outcome: Outcome) -> u8 {
         Outcome::NotAcquired(n) => {
             match n {
                 NotAcquired::Held => eprintln!("conch: {office} is held by another candidate"),
-                NotAcquired::WaitExpired => eprintln!("conch: gave up waiting for {office} (--wait)"),
+                NotAcquired::WaitExpired => {
+                    eprintln!("conch: gave up waiting for {office} (--wait)")
+                }
                 NotAcquired::HookFailed(why) => eprintln!("conch: {office} not acquired: {why}"),
             }
             exit::NOT_ACQUIRED
         }
-        Outcome::Stopped { signal, child: Some(e) } => {
+        Outcome::Stopped {
+            signal,
+            child: Some(e),
+        } => {
             let _ = signal;
             exit::of_child(e)
         }
-        Outcome::Stopped { signal, child: None } => (128 + signal).min(255) as u8,
+        Outcome::Stopped {
+            signal,
+            child: None,
+        } => (128 + signal).min(255) as u8,
     }
 }
 
@@ -208,13 +229,14 @@ async fn run_query(g: &GlobalArgs, a: &ElectArgs) -> u8 {
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                report(&e);
-                return exit::UNAVAILABLE;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    report(&e);
+                    return exit::UNAVAILABLE;
+                }
+            };
         let stop = async {
             tokio::select! {
                 _ = stop => {}

@@ -15,7 +15,13 @@ use crate::keys::Prefix;
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// etcd endpoints, comma-separated: host:port, http://… or https://…
-    #[arg(long, global = true, env = "CONCH_ENDPOINTS", value_delimiter = ',', default_value = "localhost:2379")]
+    #[arg(
+        long,
+        global = true,
+        env = "CONCH_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "localhost:2379"
+    )]
     pub endpoints: Vec<String>,
     /// Give up connecting after this long (exit 69).
     #[arg(long, global = true, env = "CONCH_DIAL_TIMEOUT", default_value = "5s", value_parser = args::positive_duration)]
@@ -53,7 +59,13 @@ pub struct GlobalArgs {
     pub password_file: Option<PathBuf>,
     /// cgroup: refuse a child that cannot get its own cgroup v2; pgroup: process group +
     /// subreaper; auto: cgroup where possible, else pgroup with a warning.
-    #[arg(long, global = true, env = "CONCH_CONTAINMENT", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        env = "CONCH_CONTAINMENT",
+        value_enum,
+        default_value = "auto"
+    )]
     pub containment: ContainmentArg,
     /// Where conch creates the children's cgroups [default: <cgroup v2 mount>/conch.slice].
     #[arg(long, global = true, env = "CONCH_CGROUP_ROOT")]
@@ -62,7 +74,13 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CONCH_QUIET", value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
     pub quiet: bool,
     /// Log format on stderr.
-    #[arg(long, global = true, env = "CONCH_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "CONCH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -90,10 +108,15 @@ impl GlobalArgs {
     pub fn node(&self) -> Result<String, String> {
         let node = match &self.node {
             Some(n) => n.clone(),
-            None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            None => rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
         };
         if node.is_empty() || node.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(format!("bad --node {node:?}: empty or contains spaces or control characters"));
+            return Err(format!(
+                "bad --node {node:?}: empty or contains spaces or control characters"
+            ));
         }
         Ok(node)
     }
@@ -125,7 +148,9 @@ impl GlobalArgs {
     pub fn containment(&self) -> Result<Containment, String> {
         let c = Containment::resolve(self.containment_request(), self.cgroup_root.clone())
             .map_err(|e| format!("{e} (--containment cgroup demands it; use auto or pgroup to allow the weaker mode)"))?;
-        if c.mode == crate::child::ContainmentMode::Pgroup && self.containment == ContainmentArg::Auto {
+        if c.mode == crate::child::ContainmentMode::Pgroup
+            && self.containment == ContainmentArg::Auto
+        {
             tracing::warn!(reason = %c.reason, "containment is weaker: process group + subreaper instead of a cgroup");
         }
         Ok(c)
@@ -133,21 +158,28 @@ impl GlobalArgs {
 
     /// The connection settings, reading the password file and splitting `--user name:pass`.
     pub fn etcd_config(&self) -> Result<EtcdConfig, String> {
-        let endpoints: Vec<String> =
-            self.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        let endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
         if endpoints.is_empty() {
             return Err("--endpoints is empty".into());
         }
         let key = self.key.clone().or_else(|| {
             // CONCH_KEY is also what conch exports to its children (the holder's etcd key):
             // take it as a TLS key file only next to a client certificate.
-            self.cert.as_ref().and_then(|_| std::env::var_os("CONCH_KEY").map(PathBuf::from))
+            self.cert
+                .as_ref()
+                .and_then(|_| std::env::var_os("CONCH_KEY").map(PathBuf::from))
         });
-        let tls = (self.cacert.is_some() || self.cert.is_some() || key.is_some()).then(|| TlsFiles {
-            ca: self.cacert.clone(),
-            cert: self.cert.clone(),
-            key,
-        });
+        let tls =
+            (self.cacert.is_some() || self.cert.is_some() || key.is_some()).then(|| TlsFiles {
+                ca: self.cacert.clone(),
+                cert: self.cert.clone(),
+                key,
+            });
         let auth = match &self.user {
             None => None,
             Some(u) => {
@@ -163,7 +195,9 @@ impl GlobalArgs {
                         .trim_end_matches(['\n', '\r'])
                         .to_string(),
                     (None, None, None) => {
-                        return Err(format!("--user {u} needs a password: name:password, --password, CONCH_PASSWORD or --password-file"));
+                        return Err(format!(
+                            "--user {u} needs a password: name:password, --password, CONCH_PASSWORD or --password-file"
+                        ));
                     }
                 };
                 Some(Credentials { user, password })
@@ -191,9 +225,18 @@ impl GlobalArgs {
 
 /// Set up the one `tracing` subscriber: stderr, text or JSON, INFO (WARN with `--quiet`).
 pub fn init_logging(g: &GlobalArgs) {
+    use std::io::IsTerminal;
     use tracing_subscriber::fmt;
-    let level = if g.quiet { tracing::Level::WARN } else { tracing::Level::INFO };
-    let builder = fmt().with_writer(std::io::stderr).with_max_level(level).with_target(false);
+    let level = if g.quiet {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    };
+    let builder = fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match g.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -68,7 +68,10 @@ pub fn main() -> ExitCode {
     };
     global::init_logging(&cli.global);
     install_panic_hook();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("conch: cannot start the async runtime: {e}");

@@ -11,11 +11,13 @@ use std::io;
 use std::ops::{Add, Sub};
 use std::time::Duration;
 
-use rustix::fd::OwnedFd;
+use rustix::fd::AsFd;
 use rustix::time::{
     ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
 };
-use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::child::sys::Watched;
 
 /// A point on `CLOCK_BOOTTIME`, as time since boot. Pure value: arithmetic only; reading the
 /// clock is [`BootInstant::now`].
@@ -69,7 +71,7 @@ impl Sub<BootInstant> for BootInstant {
 /// A disarmed timer never fires.
 #[derive(Debug)]
 pub struct BootTimer {
-    fd: AsyncFd<OwnedFd>,
+    fd: Watched,
     armed: Option<BootInstant>,
 }
 
@@ -80,11 +82,10 @@ impl BootTimer {
             TimerfdClockId::Boottime,
             TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
         )?;
-        // `AsyncFd::new` is deprecated because a borrowed descriptor could be closed under the
-        // reactor; an `OwnedFd` moved into the `AsyncFd` lives exactly as long as it does.
-        #[allow(deprecated)]
-        let fd = AsyncFd::new(fd)?;
-        Ok(BootTimer { fd, armed: None })
+        Ok(BootTimer {
+            fd: Watched::new(fd, Interest::READABLE)?,
+            armed: None,
+        })
     }
 
     /// Arm for `at` (absolute). An instant in the past fires at once.
@@ -95,10 +96,16 @@ impl BootTimer {
         // An all-zero it_value would disarm the timer: the earliest real instant is 1 ns.
         let at_d = at.0.max(Duration::from_nanos(1));
         let spec = Itimerspec {
-            it_interval: Timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: Timespec { tv_sec: at_d.as_secs() as _, tv_nsec: at_d.subsec_nanos() as _ },
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: at_d.as_secs() as _,
+                tv_nsec: at_d.subsec_nanos() as _,
+            },
         };
-        rustix::time::timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::ABSTIME, &spec)?;
+        rustix::time::timerfd_settime(self.fd.as_fd(), TimerfdTimerFlags::ABSTIME, &spec)?;
         self.armed = Some(at);
         Ok(())
     }
@@ -118,7 +125,7 @@ impl BootTimer {
             if BootInstant::now() >= at {
                 return;
             }
-            let mut guard = match self.fd.readable().await {
+            let mut guard = match self.fd.ready(Interest::READABLE).await {
                 Ok(g) => g,
                 // The reactor is gone: fall back to checking the clock on tokio's timer.
                 Err(_) => {
@@ -127,7 +134,7 @@ impl BootTimer {
                 }
             };
             let mut buf = [0u8; 8];
-            match rustix::io::read(self.fd.get_ref(), &mut buf) {
+            match rustix::io::read(self.fd.as_fd(), &mut buf) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
                 Err(_) => guard.clear_ready(),
@@ -166,7 +173,9 @@ mod tests {
         assert!(BootInstant::now() - start >= Duration::from_millis(30));
         // A past instant fires at once.
         t.set(start).unwrap();
-        tokio::time::timeout(Duration::from_secs(1), t.wait()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), t.wait())
+            .await
+            .unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

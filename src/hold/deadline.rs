@@ -112,7 +112,9 @@ impl fmt::Debug for Deadline {
 impl Deadline {
     /// After a Grant sent at `sent` that returned `ttl`: `D = sent + TTL·(1−ρ) − δ`.
     pub fn granted(sent: BootInstant, ttl: Duration) -> Deadline {
-        Deadline { d: sent + proven_span(ttl) }
+        Deadline {
+            d: sent + proven_span(ttl),
+        }
     }
 
     /// Apply the answer to a renewal sent at `sent`, received at `received`, carrying `ttl_secs`.
@@ -179,7 +181,11 @@ mod tests {
     fn renewal_moves_d_from_its_send_time_not_its_receipt() {
         let mut d = Deadline::granted(at(0), secs(10));
         assert_eq!(d.renewed(at(1_000), at(4_000), 10), Renewal::Extended);
-        assert_eq!(d.at(), at(10_650), "3 s in flight gain nothing beyond the send time");
+        assert_eq!(
+            d.at(),
+            at(10_650),
+            "3 s in flight gain nothing beyond the send time"
+        );
     }
 
     #[test]
@@ -254,7 +260,10 @@ mod tests {
     #[test]
     fn impossible_timing_names_the_flags() {
         let e = Timing::derive(secs(10), secs(30)).unwrap_err().to_string();
-        assert!(e.contains("--ttl 10s") && e.contains("--kill-after 30s"), "{e}");
+        assert!(
+            e.contains("--ttl 10s") && e.contains("--kill-after 30s"),
+            "{e}"
+        );
         assert!(e.contains("at least 32s"), "{e}");
         assert!(Timing::derive(secs(2), secs(1)).is_err());
         assert!(Timing::derive(Duration::ZERO, Duration::ZERO).is_err());

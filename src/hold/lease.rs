@@ -62,18 +62,44 @@ impl Lease {
     pub async fn grant(etcd: &Etcd, ttl: Duration, grace: Duration) -> Result<Lease, GrantError> {
         let asked = ttl.as_secs().max(1) as i64;
         let sent = BootInstant::now();
-        let resp = etcd.retry("lease grant", |mut c| async move { c.lease_grant(asked, None).await }).await?;
+        let resp = etcd
+            .retry("lease grant", |mut c| async move {
+                c.lease_grant(asked, None).await
+            })
+            .await?;
         let granted = resp.ttl();
         if granted != asked {
-            tracing::warn!(asked, granted, "etcd changed the lease TTL; using the server's");
+            tracing::warn!(
+                asked,
+                granted,
+                "etcd changed the lease TTL; using the server's"
+            );
         }
         let ttl = Duration::from_secs(granted.max(0) as u64);
         let timing = Timing::derive(ttl, grace).map_err(|e| GrantError::Timing(granted, e))?;
         let id = LeaseId(resp.id());
-        let (tx, rx) = watch::channel(HoldState { deadline: Deadline::granted(sent, ttl), lost: None });
+        let (tx, rx) = watch::channel(HoldState {
+            deadline: Deadline::granted(sent, ttl),
+            lost: None,
+        });
         let cancel = CancellationToken::new();
-        let keeper = tokio::spawn(keep(etcd.clone(), id, timing, sent, tx.clone(), cancel.child_token()));
-        Ok(Lease { id, timing, etcd: etcd.clone(), tx, rx, cancel, tasks: vec![keeper] })
+        let keeper = tokio::spawn(keep(
+            etcd.clone(),
+            id,
+            timing,
+            sent,
+            tx.clone(),
+            cancel.child_token(),
+        ));
+        Ok(Lease {
+            id,
+            timing,
+            etcd: etcd.clone(),
+            tx,
+            rx,
+            cancel,
+            tasks: vec![keeper],
+        })
     }
 
     pub fn id(&self) -> LeaseId {
@@ -129,12 +155,19 @@ impl Lease {
         let id = self.id.0;
         let r = tokio::time::timeout(
             REVOKE_BOUND,
-            self.etcd.retry("lease revoke", |mut c| async move { c.lease_revoke(id).await }),
+            self.etcd.retry(
+                "lease revoke",
+                |mut c| async move { c.lease_revoke(id).await },
+            ),
         )
         .await;
         match r {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(lease = %self.id, error = %e, "revoke failed; the lease will expire"),
+            // Already gone (revoked by someone else, or expired): nothing left to release.
+            Ok(Err(e)) if e.detail.contains("lease not found") => {}
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %self.id, error = %e, "revoke failed; the lease will expire")
+            }
             Err(_) => tracing::warn!(lease = %self.id, "revoke timed out; the lease will expire"),
         }
     }

@@ -159,7 +159,12 @@ pub async fn supervise(
 /// The kill schedule: SIGTERM+SIGCONT to the whole tree, SIGKILL (`cgroup.kill`) at
 /// `kill_at` or on a second stop signal, then wait until the tree is empty. Returns the direct
 /// child's exit.
-pub async fn kill_tree(tree: &mut Tree, kill_at: BootInstant, signals: &mut Signals, ctx: &HoldCtx) -> Exit {
+pub async fn kill_tree(
+    tree: &mut Tree,
+    kill_at: BootInstant,
+    signals: &mut Signals,
+    ctx: &HoldCtx,
+) -> Exit {
     tree.terminate();
     hold_event!(info, ctx, "term-sent");
     let emptied = match BootTimer::new().and_then(|mut t| t.set(kill_at).map(|_| t)) {

@@ -48,7 +48,10 @@ mod tests {
             assert!(p >= BASE && p <= CAP, "{p:?}");
             max_seen = max_seen.max(p);
         }
-        assert!(max_seen > Duration::from_secs(20), "grows towards the cap: {max_seen:?}");
+        assert!(
+            max_seen > Duration::from_secs(20),
+            "grows towards the cap: {max_seen:?}"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 use std::ffi::OsString;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+};
 
 use super::backoff::Backoff;
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
@@ -96,7 +98,10 @@ pub async fn run(
             Err(e) => return Err(e),
         };
         match outcome {
-            Some(o @ (Outcome::Stopped { .. } | Outcome::NotAcquired(NotAcquired::Held | NotAcquired::WaitExpired))) => {
+            Some(
+                o @ (Outcome::Stopped { .. }
+                | Outcome::NotAcquired(NotAcquired::Held | NotAcquired::WaitExpired)),
+            ) => {
                 return Ok(o);
             }
             Some(o) if !cfg.restart => return Ok(o),
@@ -123,12 +128,30 @@ async fn round(
     let (mut lease, ctx) = match campaign(etcd, cfg, containment, signals, give_up_at).await? {
         Campaign::Won(lease, ctx) => (lease, ctx),
         Campaign::NotAcquired(n) => return Ok((Some(Outcome::NotAcquired(n)), Duration::ZERO)),
-        Campaign::Stopped(sig) => return Ok((Some(Outcome::Stopped { signal: sig, child: None }), Duration::ZERO)),
+        Campaign::Stopped(sig) => {
+            return Ok((
+                Some(Outcome::Stopped {
+                    signal: sig,
+                    child: None,
+                }),
+                Duration::ZERO,
+            ));
+        }
     };
     let env = child_env(cfg, &ctx);
 
     if let Some(hook) = &cfg.on_acquire {
-        let end = run_hook_held(hook, "on-acquire", &env, &ctx, containment, &mut lease, signals, cfg.hook_timeout).await;
+        let end = run_hook_held(
+            hook,
+            "on-acquire",
+            &env,
+            &ctx,
+            containment,
+            &mut lease,
+            signals,
+            cfg.hook_timeout,
+        )
+        .await;
         match end {
             Ok(RunEnd::Exited(Exit::Code(0))) => {}
             Ok(RunEnd::Lost(loss, _)) => {
@@ -137,22 +160,37 @@ async fn round(
             }
             Ok(RunEnd::Stopped(sig, _)) => {
                 hold::release(etcd, lease, &ctx).await;
-                return Ok((Some(Outcome::Stopped { signal: sig, child: None }), Duration::ZERO));
+                return Ok((
+                    Some(Outcome::Stopped {
+                        signal: sig,
+                        child: None,
+                    }),
+                    Duration::ZERO,
+                ));
             }
             Ok(other) => {
                 let why = match other {
-                    RunEnd::TimedOut(_) => format!("--on-acquire timed out after {}", humantime::format_duration(cfg.hook_timeout)),
+                    RunEnd::TimedOut(_) => format!(
+                        "--on-acquire timed out after {}",
+                        humantime::format_duration(cfg.hook_timeout)
+                    ),
                     RunEnd::Exited(e) => format!("--on-acquire failed ({})", describe_exit(e)),
                     _ => unreachable!("handled above"),
                 };
                 tracing::warn!(name = %ctx.name, reason = %why, "not acquired");
                 hold::release(etcd, lease, &ctx).await;
-                return Ok((Some(Outcome::NotAcquired(NotAcquired::HookFailed(why))), Duration::ZERO));
+                return Ok((
+                    Some(Outcome::NotAcquired(NotAcquired::HookFailed(why))),
+                    Duration::ZERO,
+                ));
             }
             Err(e) => {
                 tracing::warn!(name = %ctx.name, error = %e, "--on-acquire could not start");
                 hold::release(etcd, lease, &ctx).await;
-                return Ok((Some(Outcome::NotAcquired(NotAcquired::HookFailed(e.to_string()))), Duration::ZERO));
+                return Ok((
+                    Some(Outcome::NotAcquired(NotAcquired::HookFailed(e.to_string()))),
+                    Duration::ZERO,
+                ));
             }
         }
     }
@@ -170,7 +208,11 @@ async fn round(
         return Ok((Some(Outcome::Lost(Loss::Deadline)), Duration::ZERO));
     }
 
-    let cmd = ChildCommand { argv: cfg.cmd.clone(), env: env.clone(), cgroup_leaf: leaf("elect", &ctx) };
+    let cmd = ChildCommand {
+        argv: cfg.cmd.clone(),
+        env: env.clone(),
+        cgroup_leaf: leaf("elect", &ctx),
+    };
     let mut tree = match Tree::spawn(containment, &cmd) {
         Ok(t) => t,
         Err(e) => {
@@ -199,7 +241,10 @@ async fn round(
         RunEnd::Stopped(signal, exit) => {
             run_on_lose(cfg, &env, &ctx, containment, Some(&mut lease), signals).await;
             hold::release(etcd, lease, &ctx).await;
-            Outcome::Stopped { signal, child: Some(exit) }
+            Outcome::Stopped {
+                signal,
+                child: Some(exit),
+            }
         }
         RunEnd::TimedOut(exit) => {
             // The child has no time limit; treat like an exit.
@@ -238,10 +283,26 @@ async fn campaign(
                 return Err(e);
             }
         };
-        let ctx = HoldCtx { name: cfg.office.to_string(), key: key.clone(), rev, lease: lease.id(), since };
+        let ctx = HoldCtx {
+            name: cfg.office.to_string(),
+            key: key.clone(),
+            rev,
+            lease: lease.id(),
+            since,
+        };
         hold_event!(info, ctx, "campaign");
 
-        match wait_for_turn(etcd, &office, &mut lease, &ctx, signals, give_up_at, cfg.wait == Some(Duration::ZERO)).await? {
+        match wait_for_turn(
+            etcd,
+            &office,
+            &mut lease,
+            &ctx,
+            signals,
+            give_up_at,
+            cfg.wait == Some(Duration::ZERO),
+        )
+        .await?
+        {
             Turn::Ours => {}
             Turn::GiveUp(n) => {
                 hold::release(etcd, lease, &ctx).await;
@@ -318,7 +379,12 @@ async fn wait_for_turn(
         let p = pred.clone();
         let watch = etcd
             .bounded("watch candidate ahead", async move {
-                client.watch(p, Some(WatchOptions::new().with_start_revision(header_rev + 1))).await
+                client
+                    .watch(
+                        p,
+                        Some(WatchOptions::new().with_start_revision(header_rev + 1)),
+                    )
+                    .await
             })
             .await;
         let mut events = match watch {
@@ -363,18 +429,31 @@ async fn wait_for_turn(
 }
 
 fn give_up_reason(nonblock: bool) -> NotAcquired {
-    if nonblock { NotAcquired::Held } else { NotAcquired::WaitExpired }
+    if nonblock {
+        NotAcquired::Held
+    } else {
+        NotAcquired::WaitExpired
+    }
 }
 
 /// Create the own key only if absent, bound to the lease. Safe to repeat: a repeat finds the
 /// key already there on our own lease and reads its create revision.
-async fn create_key(etcd: &Etcd, key: &str, value: &str, lease: &Lease) -> Result<Revision, ElectError> {
+async fn create_key(
+    etcd: &Etcd,
+    key: &str,
+    value: &str,
+    lease: &Lease,
+) -> Result<Revision, ElectError> {
     let id = lease.id().0;
     let resp = etcd
         .retry("create candidate key", |mut c| {
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key, value, Some(etcd_client::PutOptions::new().with_lease(id)))])
+                .and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(etcd_client::PutOptions::new().with_lease(id)),
+                )])
                 .or_else([TxnOp::get(key, None)]);
             async move { c.txn(txn).await }
         })
@@ -384,12 +463,11 @@ async fn create_key(etcd: &Etcd, key: &str, value: &str, lease: &Lease) -> Resul
         return Ok(Revision(rev));
     }
     for op in resp.op_responses() {
-        if let etcd_client::TxnOpResponse::Get(g) = op {
-            if let Some(kv) = g.kvs().first() {
-                if kv.lease() == id {
-                    return Ok(Revision(kv.create_revision()));
-                }
-            }
+        if let etcd_client::TxnOpResponse::Get(g) = op
+            && let Some(kv) = g.kvs().first()
+            && kv.lease() == id
+        {
+            return Ok(Revision(kv.create_revision()));
         }
     }
     Err(ElectError::Foreign(key.to_string()))
@@ -397,7 +475,11 @@ async fn create_key(etcd: &Etcd, key: &str, value: &str, lease: &Lease) -> Resul
 
 /// The candidate just ahead of `rev` (highest create revision below it), with the revision
 /// of the read.
-async fn predecessor(etcd: &Etcd, office: &str, rev: Revision) -> Result<Option<(String, i64)>, ElectError> {
+async fn predecessor(
+    etcd: &Etcd,
+    office: &str,
+    rev: Revision,
+) -> Result<Option<(String, i64)>, ElectError> {
     let resp = etcd
         .retry("read candidates", |mut c| async move {
             let opts = GetOptions::new()
@@ -410,7 +492,10 @@ async fn predecessor(etcd: &Etcd, office: &str, rev: Revision) -> Result<Option<
         })
         .await?;
     let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok(resp.kvs().first().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), header_rev)))
+    Ok(resp
+        .kvs()
+        .first()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), header_rev)))
 }
 
 /// The acquisition check: the own key still exists with our create revision. Returns the
@@ -422,7 +507,9 @@ async fn verify_own_key(etcd: &Etcd, key: &str, rev: Revision) -> Result<Option<
             async move { c.txn(txn).await }
         })
         .await?;
-    Ok(resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
+    Ok(resp
+        .succeeded()
+        .then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
 }
 
 fn child_env(cfg: &ElectConfig, ctx: &HoldCtx) -> Vec<(OsString, OsString)> {
@@ -465,12 +552,24 @@ async fn run_hook_held(
     let cmd = hook_command(hook, kind, env, ctx);
     let mut tree = Tree::spawn(containment, &cmd)?;
     tracing::info!(name = %ctx.name, hook = kind, pid = tree.pid(), "hook-start");
-    let end = hold::supervise(lease, &mut tree, signals, ctx, Some(BootInstant::now() + timeout)).await;
+    let end = hold::supervise(
+        lease,
+        &mut tree,
+        signals,
+        ctx,
+        Some(BootInstant::now() + timeout),
+    )
+    .await;
     tracing::info!(name = %ctx.name, hook = kind, end = ?end, "hook-end");
     Ok(end)
 }
 
-fn hook_command(hook: &str, kind: &str, env: &[(OsString, OsString)], ctx: &HoldCtx) -> ChildCommand {
+fn hook_command(
+    hook: &str,
+    kind: &str,
+    env: &[(OsString, OsString)],
+    ctx: &HoldCtx,
+) -> ChildCommand {
     ChildCommand {
         argv: vec!["sh".into(), "-c".into(), hook.into()],
         env: env.to_vec(),
@@ -491,7 +590,18 @@ async fn run_on_lose(
     let Some(hook) = &cfg.on_lose else { return };
     match lease {
         Some(lease) => {
-            if let Err(e) = run_hook_held(hook, "on-lose", env, ctx, containment, lease, signals, cfg.hook_timeout).await {
+            if let Err(e) = run_hook_held(
+                hook,
+                "on-lose",
+                env,
+                ctx,
+                containment,
+                lease,
+                signals,
+                cfg.hook_timeout,
+            )
+            .await
+            {
                 tracing::warn!(name = %ctx.name, error = %e, "--on-lose could not start");
             }
         }

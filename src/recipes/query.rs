@@ -18,22 +18,29 @@ pub struct Holder {
 }
 
 /// The current holder (lowest create revision) and the revision of the read.
-pub async fn holder(etcd: &Etcd, prefix: &Prefix, office: &Name) -> Result<(Option<Holder>, i64), CallError> {
+pub async fn holder(
+    etcd: &Etcd,
+    prefix: &Prefix,
+    office: &Name,
+) -> Result<(Option<Holder>, i64), CallError> {
     let key = prefix.elect_office(office);
     let resp = etcd
         .retry("read holder", |mut c| {
             let key = key.clone();
             async move {
-                let opts = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
+                let opts = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(1);
                 c.get(key, Some(opts)).await
             }
         })
         .await?;
     let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let holder = resp
-        .kvs()
-        .first()
-        .map(|kv| Holder { rev: Revision(kv.create_revision()), record: HolderRecord::parse(kv.value()) });
+    let holder = resp.kvs().first().map(|kv| Holder {
+        rev: Revision(kv.create_revision()),
+        record: HolderRecord::parse(kv.value()),
+    });
     Ok((holder, header_rev))
 }
 
@@ -58,7 +65,9 @@ pub fn holder_line(office: &Name, h: &Holder, json_out: bool) -> String {
             m.insert("rev".into(), json!(h.rev.0));
             Value::Object(m).to_string()
         }
-        (None, true) => json!({"office": office.as_str(), "holder": "unknown", "rev": h.rev.0}).to_string(),
+        (None, true) => {
+            json!({"office": office.as_str(), "holder": "unknown", "rev": h.rev.0}).to_string()
+        }
     }
 }
 
@@ -133,7 +142,16 @@ pub async fn watch(
         let k = key.clone();
         let opened = etcd
             .bounded("watch office", async move {
-                client.watch(k, Some(WatchOptions::new().with_prefix().with_start_revision(header_rev + 1))).await
+                client
+                    .watch(
+                        k,
+                        Some(
+                            WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(header_rev + 1),
+                        ),
+                    )
+                    .await
             })
             .await;
         let mut events = match opened {
@@ -173,29 +191,54 @@ mod tests {
     #[test]
     fn lines_for_held_unknown_and_vacant() {
         let o = Name::parse("api").unwrap();
-        let h = Holder { rev: Revision(42), record: Some(rec("db2")) };
-        assert_eq!(holder_line(&o, &h, false), "api db2 pid=7 since=2026-06-12T10:15:00Z rev=42 cmd=srv -x");
+        let h = Holder {
+            rev: Revision(42),
+            record: Some(rec("db2")),
+        };
+        assert_eq!(
+            holder_line(&o, &h, false),
+            "api db2 pid=7 since=2026-06-12T10:15:00Z rev=42 cmd=srv -x"
+        );
         assert_eq!(
             holder_line(&o, &h, true),
             r#"{"office":"api","node":"db2","pid":7,"started":"2026-06-12T10:15:00Z","cmd":"srv -x","lease":"00000000000000ab","containment":"cgroup","rev":42}"#
         );
-        let u = Holder { rev: Revision(5), record: None };
+        let u = Holder {
+            rev: Revision(5),
+            record: None,
+        };
         assert_eq!(holder_line(&o, &u, false), "api unknown rev=5");
-        assert_eq!(holder_line(&o, &u, true), r#"{"office":"api","holder":"unknown","rev":5}"#);
+        assert_eq!(
+            holder_line(&o, &u, true),
+            r#"{"office":"api","holder":"unknown","rev":5}"#
+        );
         assert_eq!(vacant_line(&o, false), "api -");
         assert_eq!(vacant_line(&o, true), r#"{"office":"api","holder":null}"#);
     }
 
     #[test]
     fn assert_checks_node_and_rev() {
-        let h = Holder { rev: Revision(42), record: Some(rec("db2")) };
+        let h = Holder {
+            rev: Revision(42),
+            record: Some(rec("db2")),
+        };
         assert!(asserts(Some(&h), "db2", 0));
         assert!(asserts(Some(&h), "db2", 42));
         assert!(!asserts(Some(&h), "db2", 43));
         assert!(!asserts(Some(&h), "db1", 0));
         assert!(!asserts(None, "db2", 0));
-        assert!(!asserts(Some(&Holder { rev: Revision(42), record: None }), "db2", 0));
-        assert_eq!(assert_line(Some(&h), true), r#"{"held":true,"rev":42,"node":"db2"}"#);
+        assert!(!asserts(
+            Some(&Holder {
+                rev: Revision(42),
+                record: None
+            }),
+            "db2",
+            0
+        ));
+        assert_eq!(
+            assert_line(Some(&h), true),
+            r#"{"held":true,"rev":42,"node":"db2"}"#
+        );
         assert_eq!(assert_line(None, false), r#"{"held":false}"#);
     }
 }
