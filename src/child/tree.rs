@@ -250,13 +250,13 @@ impl Tree {
     pub(super) async fn shutdown_impl(&mut self, grace: Duration) -> Exit {
         let started = Instant::now();
         self.signal_tree(&[Signal::TERM, Signal::CONT]);
-        tracing::info!(pid = self.pid, "term-sent");
+        tracing::debug!(pid = self.pid, "term-sent");
         if tokio::time::timeout(grace, self.wait_empty_impl())
             .await
             .is_err()
         {
             self.kill_impl();
-            tracing::info!(
+            tracing::debug!(
                 pid = self.pid,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "kill-sent"
@@ -272,7 +272,7 @@ impl Tree {
             tracing::warn!(error = %e, "cgroup-remove-failed");
         }
         self.finished = true;
-        tracing::info!(
+        tracing::debug!(
             pid = self.pid,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "tree-empty"
