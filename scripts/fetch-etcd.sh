@@ -69,8 +69,15 @@ fetch_suite() {
     for deb in "$apt"/archives/*.deb; do dpkg -x "$deb" "$tmp"; done
     mkdir -p "$dir/bin"
     local etcd etcdctl
-    etcd="$(find "$tmp" -type f -name etcd -perm -u+x | head -n1)"
-    etcdctl="$(find "$tmp" -type f -name etcdctl -perm -u+x | head -n1)"
+    # The binaries live in usr/bin (bookworm's package also ships an init script named etcd).
+    etcd="$(find "$tmp" -type f -path '*/bin/etcd' -perm -u+x | head -n1)"
+    etcdctl="$(find "$tmp" -type f -path '*/bin/etcdctl' -perm -u+x | head -n1)"
+    for f in "$etcd" "$etcdctl"; do
+        if [ -n "$f" ] && [ "$(head -c4 "$f" | od -An -c | tr -d ' ')" != '177ELF' ]; then
+            log "$f is not an ELF binary"
+            return 1
+        fi
+    done
     if [ -z "$etcd" ] || [ -z "$etcdctl" ]; then
         log "the $suite packages hold no etcd/etcdctl binary"
         return 1

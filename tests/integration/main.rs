@@ -1,0 +1,12 @@
+//! Conch's integration tests: the real binary against a real etcd, with real children,
+//! signals and cgroups. One test binary (`cargo test --test integration`); the harness
+//! starts one etcd for all of it. `CONCH_TEST_ETCD_SUITE=bookworm` runs the same tests
+//! against Debian bookworm's etcd 3.4.
+
+mod harness;
+
+mod bad_input;
+mod elect;
+mod elect_child;
+mod elect_query;
+mod harness_self;
