@@ -43,6 +43,12 @@ impl HoldCtx {
     pub fn elapsed_ms(&self) -> u64 {
         (BootInstant::now() - self.since).as_millis() as u64
     }
+
+    /// Now on `CLOCK_BOOTTIME` in ms: lets a log line be compared with the deadline and with
+    /// other processes' clocks on the same host.
+    pub fn boot_ms() -> f64 {
+        BootInstant::now().since_boot().as_secs_f64() * 1000.0
+    }
 }
 
 /// Log one transition of the hold with the standard fields.
@@ -52,7 +58,8 @@ macro_rules! hold_event {
     ($lvl:ident, $ctx:expr, $event:literal $(, $($rest:tt)*)?) => {
         tracing::$lvl!(
             name = %$ctx.name, key = %$ctx.key, rev = $ctx.rev.0, lease = %$ctx.lease,
-            elapsed_ms = $ctx.elapsed_ms(), $($($rest)*,)? "{}", $event
+            elapsed_ms = $ctx.elapsed_ms(), boot_ms = $crate::hold::HoldCtx::boot_ms(),
+            $($($rest)*,)? "{}", $event
         )
     };
 }
@@ -139,7 +146,8 @@ pub async fn supervise(
             RunEnd::Exited(exit)
         }
         Why::Lost(loss) => {
-            hold_event!(warn, ctx, "lost", reason = %loss);
+            let deadline_ms = d.at().since_boot().as_secs_f64() * 1000.0;
+            hold_event!(warn, ctx, "lost", reason = %loss, deadline_boot_ms = deadline_ms);
             let exit = kill_tree(tree, kill_at, signals, ctx).await;
             RunEnd::Lost(loss, exit)
         }

@@ -9,4 +9,5 @@ mod bad_input;
 mod elect;
 mod elect_child;
 mod elect_query;
+mod faults;
 mod harness_self;

@@ -61,7 +61,7 @@ fn repo_root() -> PathBuf {
 /// Where the etcd and etcdctl binaries are, in the order the project documents:
 /// `CONCH_TEST_ETCD_SUITE` (a specific Debian suite from the cache, fetched if needed),
 /// `CONCH_ETCD_BIN`, the repo's cache (sid first), `PATH`, and finally the fetch script.
-fn find_binaries() -> (PathBuf, PathBuf) {
+pub fn find_binaries() -> (PathBuf, PathBuf) {
     let root = repo_root();
     let cache = root.join(".cache/etcd");
     if let Ok(suite) = std::env::var("CONCH_TEST_ETCD_SUITE")
@@ -153,7 +153,7 @@ fn check_is_elf(bin: &Path) {
     );
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("cannot find a free loopback port")

@@ -10,9 +10,12 @@
 #![allow(dead_code)]
 
 pub mod cgroup;
+pub mod cluster;
 pub mod conch;
 pub mod etcd;
+pub mod journal;
 pub mod proc;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,0 +1,481 @@
+//! The fault suite (quality.md §2): the promise of holds.md, proved with injected faults on a
+//! real 3-member etcd cluster. conch talks to every member through a [`FaultProxy`]; the
+//! child is `conch-testchild`, which journals `start`/`beat`/`end` on `CLOCK_BOOTTIME`, and
+//! the journal checker proves no two holders ran at once.
+//!
+//! Every test prints what it measured (kill time relative to D, overlap in ms) so a run's
+//! output is the report. Timing: `--ttl 4s --kill-after 1s` (P ≈ 0.57 s, D − last renewal
+//! ≈ 3.71 s) keeps each scenario to a few seconds.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::cluster::Cluster;
+use crate::harness::journal::{self, boot_ms, ms};
+use crate::harness::{Ctx, Running, Signal, proc, wait_until};
+
+const TTL: &str = "4s";
+const GRACE: &str = "1s";
+const GRACE_MS: f64 = 1000.0;
+/// The journal's heartbeat: a tree's death is at most this long after its last record.
+const BEAT_MS: f64 = 5.0;
+
+/// conch's JSON log events on stderr, in order.
+fn events(stderr: &str) -> Vec<Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// The first event called `name` (the `message` of conch's JSON log lines).
+fn event<'a>(evs: &'a [Value], name: &str) -> Option<&'a Value> {
+    evs.iter().find(|e| e["message"] == name)
+}
+
+fn num(ev: &Value, field: &str) -> f64 {
+    ev[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("event without {field}: {ev}"))
+}
+
+/// A `conch elect` with the fault suite's timing, JSON logs, pointed at `endpoints`,
+/// running `conch-testchild` with `child_args`.
+fn holder(
+    ctx: &Ctx,
+    office: &str,
+    node: &str,
+    endpoints: &str,
+    extra: &[&str],
+    child_args: &[&str],
+) -> Running {
+    let j = journal::path_in(&ctx.dir);
+    ctx.elect(office)
+        .args(["--ttl", TTL, "--kill-after", GRACE, "--log-format", "json"])
+        .args(["--node", node])
+        .args(extra)
+        .env("CONCH_ENDPOINTS", endpoints)
+        .arg("--")
+        .arg(journal::testchild())
+        .args(["--journal", &j.to_string_lossy()])
+        .args(child_args)
+        .spawn()
+}
+
+/// Wait until the journal shows a process of `node` running; its interval.
+fn running(ctx: &Ctx, node: &str, conch: &mut Running) -> journal::Interval {
+    let j = journal::path_in(&ctx.dir);
+    proc::wait_for(Duration::from_secs(15), || {
+        journal::intervals(&journal::read(&j))
+            .into_iter()
+            .rev()
+            .find(|i| i.node == node)
+    })
+    .unwrap_or_else(|| panic!("{node} never ran\n--- stderr\n{}", conch.stderr()))
+}
+
+/// The last record of `rev` in the journal, in boot ms.
+fn last_record_ms(ctx: &Ctx, rev: i64) -> f64 {
+    let iv = journal::intervals(&journal::read(&journal::path_in(&ctx.dir)));
+    ms(iv.iter().find(|i| i.rev == rev).expect("rev in journal").last_ns)
+}
+
+/// Wait until `n` candidate keys exist for the office (read directly from the cluster).
+fn wait_candidates(ctx: &Ctx, cluster: &Cluster, office: &str, n: usize) {
+    let prefix = ctx.office_prefix(office);
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster
+            .ctl(["get", "--prefix", "--keys-only", &prefix])
+            .map(|o| o.lines().filter(|l| !l.is_empty()).count() == n)
+            .unwrap_or(false)),
+        "expected {n} candidates under {prefix}"
+    );
+}
+
+/// Poll the lease until it is gone; returns (last time seen alive, first time seen gone).
+fn watch_lease_expiry(cluster: &Cluster, lease: &str, within: Duration) -> (f64, f64) {
+    let mut last_alive = boot_ms();
+    let gone = proc::wait_for(within, || {
+        let t = boot_ms();
+        if cluster.lease_alive(lease) {
+            last_alive = t;
+            None
+        } else {
+            Some(boot_ms())
+        }
+    })
+    .unwrap_or_else(|| panic!("lease {lease} still alive after {within:?}"));
+    (last_alive, gone)
+}
+
+/// Partition conch ↔ etcd both ways while its child runs: SIGTERM at D − G, the tree dead by
+/// D while the lease is still alive on etcd; a contender starts only after expiry.
+#[test]
+fn partition_kills_before_the_lease_expires() {
+    let ctx = Ctx::new("fault-partition");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "p", "a", &cluster.endpoints(), &[], &[]);
+    let held = running(&ctx, "a", &mut a);
+    let mut b = holder(&ctx, "p", "b", &cluster.direct_endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "p", 2);
+
+    for m in &cluster.members {
+        m.proxy.blackhole();
+    }
+    let cut = boot_ms();
+    let (last_alive, gone) = watch_lease_expiry(&cluster, &held.lease, Duration::from_secs(10));
+    let out = a.wait_timeout(Duration::from_secs(10));
+    out.expect_code(70);
+    let evs = events(&out.stderr);
+    let lost = event(&evs, "lost").expect("a lost event");
+    assert_eq!(lost["reason"], "no renewal before the hold deadline", "{lost}");
+    let d = num(lost, "deadline_boot_ms");
+    let term = num(event(&evs, "term-sent").expect("term-sent"), "boot_ms");
+    let empty = num(event(&evs, "tree-empty").expect("tree-empty"), "boot_ms");
+    let last = last_record_ms(&ctx, held.rev);
+
+    // The deadline follows from renewals sent before the cut.
+    assert!(d <= cut + 3710.0 + 1.0, "D {d:.1} later than cut {cut:.1} + span");
+    assert!(
+        (term - (d - GRACE_MS)).abs() <= 50.0,
+        "SIGTERM at D−G{:+.1} ms (allowed ±50)",
+        term - (d - GRACE_MS)
+    );
+    assert!(empty <= d, "tree empty {:.1} ms after D", empty - d);
+    assert!(last <= empty, "a record after tree-empty");
+    assert!(
+        empty < last_alive,
+        "the tree must be dead while etcd still has the lease: tree-empty {empty:.1}, lease last seen alive {last_alive:.1}"
+    );
+
+    let next = running(&ctx, "b", &mut b);
+    assert!(
+        ms(next.first_ns) > last_alive,
+        "the contender started before the old lease expired"
+    );
+    let v = journal::check(&journal::path_in(&ctx.dir), 1);
+    for m in &cluster.members {
+        m.proxy.pass();
+    }
+    b.signal(Signal::TERM);
+    b.wait_timeout(Duration::from_secs(10));
+    println!(
+        "partition: SIGTERM at D−G{:+.1} ms, tree empty at D{:+.1} ms, lease gone {:.0}–{:.0} ms after D, \
+         successor started {:.0} ms after D, overlap {:.1} ms",
+        term - (d - GRACE_MS),
+        empty - d,
+        last_alive - d,
+        gone - d,
+        ms(next.first_ns) - d,
+        v.max_overlap_ms
+    );
+    assert_eq!(v.max_overlap_ms, 0.0);
+}
+
+/// Only etcd's answers are lost (renewals still arrive and keep the lease alive on etcd),
+/// then the answers come late: conch kills by D anyway and a late answer never revives the
+/// hold; nothing runs under the old rev afterwards.
+#[test]
+fn lost_answers_kill_by_d_and_late_answers_revive_nothing() {
+    let ctx = Ctx::new("fault-answers");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "q", "a", &cluster.endpoints(), &[], &[]);
+    let held = running(&ctx, "a", &mut a);
+    for m in &cluster.members {
+        m.proxy.stall_replies();
+    }
+    let cut = boot_ms();
+    // conch must give up by D although etcd keeps receiving its renewals.
+    let ended = proc::wait_for(Duration::from_secs(8), || {
+        let iv = journal::intervals(&journal::read(&journal::path_in(&ctx.dir)));
+        let last = ms(iv.iter().find(|i| i.rev == held.rev)?.last_ns);
+        (boot_ms() - last > 200.0).then_some(last)
+    })
+    .expect("the tree kept running without answers");
+    assert!(
+        ended <= cut + 3710.0 + BEAT_MS,
+        "tree ran {:.0} ms after the cut (D is at most 3710 ms after it)",
+        ended - cut
+    );
+    assert!(
+        cluster.lease_alive(&held.lease),
+        "renewals still arrive, so etcd keeps the lease alive"
+    );
+    // Now the held-back answers arrive, late.
+    for m in &cluster.members {
+        m.proxy.pass();
+    }
+    let out = a.wait_timeout(Duration::from_secs(10));
+    out.expect_code(70);
+    let healed = boot_ms();
+    let evs = events(&out.stderr);
+    let d = num(event(&evs, "lost").expect("lost"), "deadline_boot_ms");
+    assert!(
+        event(&evs, "child-start").into_iter().count() == 1,
+        "one child only"
+    );
+    // Nothing of the old rev after D, and nothing at all after the heal.
+    let recs = journal::read(&journal::path_in(&ctx.dir));
+    assert!(recs.iter().all(|r| ms(r.ns) <= d + BEAT_MS));
+    assert!(recs.iter().all(|r| ms(r.ns) < healed));
+    println!(
+        "answers lost: tree ended {:.0} ms after the cut, D at {:.0} ms after it; late answers revived nothing",
+        ended - cut,
+        d - cut
+    );
+}
+
+/// Another client revokes the lease: SIGTERM within P + 100 ms, and with --restart the next
+/// run has a higher rev.
+#[test]
+fn revoke_kills_within_p_and_restart_takes_a_higher_rev() {
+    let ctx = Ctx::new("fault-revoke");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "r", "a", &cluster.endpoints(), &["--restart"], &[]);
+    let first = running(&ctx, "a", &mut a);
+    let before = boot_ms();
+    cluster
+        .ctl(["lease", "revoke", &first.lease])
+        .expect("revoke");
+    let after = boot_ms();
+    let second = proc::wait_for(Duration::from_secs(20), || {
+        journal::intervals(&journal::read(&journal::path_in(&ctx.dir)))
+            .into_iter()
+            .find(|i| i.rev > first.rev)
+    })
+    .expect("--restart never ran the child again");
+    let died = last_record_ms(&ctx, first.rev);
+    // P ≈ 0.57 s with these flags; the revoke itself (etcdctl) is inside [before, after].
+    assert!(
+        died - after <= 570.0 + 100.0 + BEAT_MS,
+        "tree outlived the revoke by {:.0} ms",
+        died - after
+    );
+    assert!(second.lease != first.lease, "a new lease after the loss");
+    journal::check(&journal::path_in(&ctx.dir), 1);
+    a.signal(Signal::TERM);
+    a.wait_timeout(Duration::from_secs(10));
+    println!(
+        "revoke: tree dead {:.0} ms after etcdctl returned ({:.0} ms after it started); next rev {} > {}",
+        died - after,
+        died - before,
+        second.rev,
+        first.rev
+    );
+}
+
+/// Another client deletes the own key: SIGTERM within 200 ms.
+#[test]
+fn own_key_delete_kills_within_200ms() {
+    let ctx = Ctx::new("fault-delete");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "k", "a", &cluster.endpoints(), &[], &[]);
+    let held = running(&ctx, "a", &mut a);
+    let key = format!("{}{}", ctx.office_prefix("k"), held.lease);
+    let before = boot_ms();
+    cluster.ctl(["del", &key]).expect("delete");
+    let after = boot_ms();
+    a.wait_timeout(Duration::from_secs(10)).expect_code(70);
+    let died = last_record_ms(&ctx, held.rev);
+    assert!(
+        died - after <= 200.0,
+        "tree outlived the delete by {:.0} ms",
+        died - after
+    );
+    println!(
+        "own key deleted: tree dead {:.0} ms after etcdctl returned ({:.0} ms after it started)",
+        died - after,
+        died - before
+    );
+}
+
+/// A tree whose child and grandchildren ignore SIGTERM: SIGKILL reaches all of them, and the
+/// office is released only after the last one died.
+#[test]
+fn term_ignoring_tree_is_killed_and_released_after() {
+    let ctx = Ctx::new("fault-ignore-term");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let pidfile = ctx.path("pids");
+    let mut a = holder(
+        &ctx,
+        "t",
+        "a",
+        &cluster.endpoints(),
+        &[],
+        &[
+            "--ignore-term",
+            "--grandchildren",
+            "2",
+            "--setsid-grandchild",
+            "--pidfile",
+            &pidfile.to_string_lossy(),
+        ],
+    );
+    let held = running(&ctx, "a", &mut a);
+    let mut b = holder(&ctx, "t", "b", &cluster.direct_endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "t", 2);
+    // Wait for all four processes of a's tree to be journaling.
+    assert!(wait_until(Duration::from_secs(10), || {
+        journal::intervals(&journal::read(&journal::path_in(&ctx.dir)))
+            .iter()
+            .find(|i| i.rev == held.rev)
+            .is_some_and(|i| i.pids.len() == 4)
+    }));
+    a.signal(Signal::TERM);
+    let out = a.wait_timeout(Duration::from_secs(10));
+    // The child ignored SIGTERM and was SIGKILLed.
+    out.expect_code(137);
+    let evs = events(&out.stderr);
+    let term = num(event(&evs, "term-sent").unwrap(), "boot_ms");
+    let kill = num(event(&evs, "kill-sent").expect("kill-sent"), "boot_ms");
+    assert!(
+        (kill - term - GRACE_MS).abs() <= 50.0,
+        "SIGKILL {:.0} ms after SIGTERM",
+        kill - term
+    );
+    let next = running(&ctx, "b", &mut b);
+    let iv = journal::intervals(&journal::read(&journal::path_in(&ctx.dir)));
+    let old = iv.iter().find(|i| i.rev == held.rev).unwrap();
+    for pid in &old.pids {
+        assert!(!proc::alive(*pid), "pid {pid} of the old tree survived");
+    }
+    assert!(next.first_ns > old.last_ns);
+    journal::check(&journal::path_in(&ctx.dir), 1);
+    b.signal(Signal::TERM);
+    b.wait_timeout(Duration::from_secs(10));
+    println!(
+        "TERM ignored: SIGKILL {:.0} ms after SIGTERM; successor started {:.1} ms after the old tree's last record",
+        kill - term,
+        ms(next.first_ns) - ms(old.last_ns)
+    );
+}
+
+/// The member conch talks to is cut off, one after another: conch moves to another endpoint
+/// and the hold survives (same rev, one child throughout).
+#[test]
+fn member_cut_off_fails_over_and_the_hold_survives() {
+    let ctx = Ctx::new("fault-failover");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "f", "a", &cluster.endpoints(), &[], &[]);
+    let held = running(&ctx, "a", &mut a);
+    for (i, m) in cluster.members.iter().enumerate() {
+        m.proxy.blackhole();
+        m.proxy.reset();
+        // Two TTLs: without failover the hold would be lost well within this.
+        std::thread::sleep(Duration::from_secs(8));
+        assert!(
+            a.is_running(),
+            "conch lost the hold with only member {i} cut off\n{}",
+            a.stderr()
+        );
+        m.proxy.pass();
+    }
+    let iv = journal::intervals(&journal::read(&journal::path_in(&ctx.dir)));
+    assert_eq!(iv.len(), 1, "one holder throughout: {iv:#?}");
+    assert_eq!(iv[0].rev, held.rev);
+    assert!(cluster.lease_alive(&held.lease));
+    a.signal(Signal::TERM);
+    a.wait_timeout(Duration::from_secs(10));
+    println!("failover: hold survived each of 3 members cut off for 2×TTL (rev {})", held.rev);
+}
+
+/// The etcd leader is killed, then restarted: either the hold survives (renewed before D) or
+/// the tree is dead by D; never an overlap with the waiting contender.
+#[test]
+fn etcd_leader_killed_never_overlaps() {
+    let ctx = Ctx::new("fault-leader-kill");
+    let mut cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "l", "a", &cluster.endpoints(), &[], &[]);
+    running(&ctx, "a", &mut a);
+    let mut b = holder(&ctx, "l", "b", &cluster.endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "l", 2);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    cluster.kill(leader);
+    let new_leader = cluster.wait_leader(Duration::from_secs(15));
+    assert_ne!(leader, new_leader);
+    // Let two TTLs pass on the reduced cluster, then bring the member back.
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.restart(leader);
+    cluster.wait_leader(Duration::from_secs(15));
+    let survived = a.is_running();
+    let v = journal::check(&journal::path_in(&ctx.dir), 1);
+    for r in [&mut a, &mut b] {
+        r.signal(Signal::TERM);
+        r.wait_timeout(Duration::from_secs(15));
+    }
+    println!(
+        "leader killed: hold {}; overlap {:.1} ms",
+        if survived { "survived" } else { "lost and handed over" },
+        v.max_overlap_ms
+    );
+}
+
+/// The etcd leader freezes (SIGSTOP) longer than an election, then wakes up believing it
+/// leads — the "stuck old leader". Never an overlap.
+#[test]
+fn frozen_etcd_leader_never_overlaps() {
+    let ctx = Ctx::new("fault-leader-freeze");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "z", "a", &cluster.endpoints(), &[], &[]);
+    running(&ctx, "a", &mut a);
+    let mut b = holder(&ctx, "z", "b", &cluster.endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "z", 2);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    cluster.stop(leader);
+    std::thread::sleep(Duration::from_secs(6));
+    cluster.cont(leader);
+    cluster.wait_leader(Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(4));
+    let survived = a.is_running();
+    let v = journal::check(&journal::path_in(&ctx.dir), 1);
+    for r in [&mut a, &mut b] {
+        r.signal(Signal::TERM);
+        r.wait_timeout(Duration::from_secs(15));
+    }
+    println!(
+        "leader frozen 6 s: hold {}; overlap {:.1} ms",
+        if survived { "survived" } else { "lost and handed over" },
+        v.max_overlap_ms
+    );
+}
+
+/// The whole cluster is down longer than the TTL, then back: the tree is dead by D; with
+/// --restart conch then holds again with a fresh lease and a higher rev.
+#[test]
+fn whole_cluster_down_then_back() {
+    let ctx = Ctx::new("fault-cluster-down");
+    let mut cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "w", "a", &cluster.endpoints(), &["--restart"], &[]);
+    let first = running(&ctx, "a", &mut a);
+    let down = boot_ms();
+    cluster.kill_all();
+    let died = proc::wait_for(Duration::from_secs(10), || {
+        let last = last_record_ms(&ctx, first.rev);
+        (boot_ms() - last > 200.0).then_some(last)
+    })
+    .expect("the tree kept running with etcd down");
+    assert!(
+        died <= down + 3710.0 + BEAT_MS,
+        "tree ran {:.0} ms after etcd went down",
+        died - down
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    cluster.restart_all();
+    let second = proc::wait_for(Duration::from_secs(60), || {
+        journal::intervals(&journal::read(&journal::path_in(&ctx.dir)))
+            .into_iter()
+            .find(|i| i.rev > first.rev)
+    })
+    .unwrap_or_else(|| panic!("never held again after etcd came back\n{}", a.stderr()));
+    assert_ne!(second.lease, first.lease);
+    journal::check(&journal::path_in(&ctx.dir), 1);
+    a.signal(Signal::TERM);
+    a.wait_timeout(Duration::from_secs(15));
+    println!(
+        "cluster down: tree dead {:.0} ms after etcd died (D ≤ 3710 ms); held again with rev {} > {}",
+        died - down,
+        second.rev,
+        first.rev
+    );
+}
