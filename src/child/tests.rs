@@ -2,7 +2,7 @@
 //! condition against a deadline.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -236,7 +236,8 @@ async fn environment_is_filtered_then_extended() {
     let dir = Scratch::new();
     let mut cmd = sh(r#"echo "$CONCH_TEST_VAR" > "$D/env""#, &dir.0);
     cmd.env.push(("CONCH_TEST_VAR".into(), "hello".into()));
-    let built = spawn::command(&cmd, Path::new("/bin/sh"), None, false);
+    let (sock, _other) = supervisor::proto::pair().unwrap();
+    let built = spawn::command(&cmd, Path::new("/bin/sh"), sock.as_fd(), None);
     let envs: Vec<_> = built.get_envs().collect();
     for key in spawn::STRIPPED_ENV {
         assert!(
@@ -321,13 +322,14 @@ async fn cpu_usage_is_reported() {
 }
 
 #[test]
-fn pdeathsig_follows_the_spawning_thread() {
+fn any_thread_may_spawn() {
     let root = TestRoot::new();
     let dir = Scratch::new();
     let containment = in_cgroup(&root);
-    let cmd = sh("exec sleep 300", &dir.0);
+    let cmd = sh(r#"echo ready > "$D/ready"; exec sleep 300"#, &dir.0);
     let _shared = PROCESSES.blocking_read();
-    // The thread that forked exits at once: the child must be SIGKILLed by PDEATHSIG.
+    // The thread that spawned exits at once. The supervisor forked the child from its only
+    // thread, so the child's PDEATHSIG is not tied to the short-lived thread.
     let mut tree = std::thread::spawn(move || Tree::spawn(&containment, &cmd).unwrap())
         .join()
         .unwrap();
@@ -335,9 +337,16 @@ fn pdeathsig_follows_the_spawning_thread() {
         .enable_all()
         .build()
         .unwrap();
-    let exit = rt.block_on(async { tokio::time::timeout(PATIENCE, tree.wait()).await });
-    assert_eq!(exit.unwrap(), Exit::Signal(9));
-    drop(tree);
+    rt.block_on(async {
+        read_when_written(&dir.file("ready")).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), tree.wait())
+                .await
+                .is_err(),
+            "the child outlives the thread that spawned it"
+        );
+        assert_eq!(tree.shutdown(PATIENCE).await, Exit::Signal(15));
+    });
 }
 
 #[tokio::test(flavor = "current_thread")]
