@@ -212,6 +212,20 @@ impl Link {
         self.reaped
     }
 
+    /// The supervisor's pid.
+    #[cfg(test)]
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Close conch's end without `done`: to the supervisor, exactly what conch's death
+    /// looks like.
+    #[cfg(test)]
+    pub(crate) fn sever(&mut self) {
+        self.sock = None;
+        self.watch = None;
+    }
+
     /// Kill the supervisor and reap it (its child's PDEATHSIG follows). For failed spawns.
     pub(crate) fn abort(&mut self) {
         self.sock = None;

@@ -49,16 +49,29 @@ pub(crate) fn contain_before_exec(cmd: &mut Command, parent: Pid, procs: Option<
 
 /// Every catchable signal back to `SIG_DFL` and nothing blocked: ignored signals survive
 /// `exec`, so without this a child would inherit whatever its ancestors ignored. Async-signal
-/// safe; signals the kernel refuses (KILL, STOP, glibc's internal ones) are skipped.
+/// safe.
+///
+/// The raw `rt_sigaction` syscall is used because glibc's wrappers refuse signals 32 and 33
+/// (reserved for its own threads), which a parent may still have left ignored. An all-zero
+/// kernel `struct sigaction` means `SIG_DFL`, no flags, empty mask, whatever the field order.
 fn default_signals() {
+    const KERNEL_SIGSET_BYTES: usize = 8;
+    let dfl = [0u64; 4];
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: `signal` with `SIG_DFL` installs no handler and is async-signal-safe; an
-        // invalid number only returns an error.
+        // SAFETY: `rt_sigaction` reads a zeroed `struct sigaction` (no larger than 32 bytes on
+        // any Linux target) from `dfl`, installs no handler, and writes nothing back (null old
+        // action); an invalid number only returns an error.
         unsafe {
-            libc::signal(sig, libc::SIG_DFL);
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_BYTES,
+            );
         }
     }
     let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
@@ -141,6 +154,17 @@ impl Watched {
 impl AsFd for Watched {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.get_ref().as_fd()
+    }
+}
+
+/// Ignore `sig` in this whole (test) process, as a parent of conch might have: children must
+/// still start with the default action.
+#[cfg(test)]
+pub(crate) fn ignore_signal(sig: i32) {
+    // SAFETY: installing `SIG_IGN` runs no code in the process; tests choose a signal nothing
+    // else in the test binary handles.
+    unsafe {
+        libc::signal(sig, libc::SIG_IGN);
     }
 }
 

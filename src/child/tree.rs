@@ -337,6 +337,18 @@ impl Tree {
     }
 }
 
+#[cfg(test)]
+impl Tree {
+    /// Make the supervisor see what conch's death looks like (see `Link::sever`).
+    pub(crate) fn sever_link(&mut self) {
+        self.link.sever();
+    }
+
+    pub(crate) fn supervisor_pid(&self) -> i32 {
+        self.link.pid()
+    }
+}
+
 /// Signal every process in the cgroup without hitting a recycled pid: pin each listed pid
 /// with a pidfd, re-list, and signal only those still in the cgroup.
 fn signal_cgroup(cg: &Cgroup, signals: &[Signal]) {

@@ -451,46 +451,4 @@ fn mono_now() -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arguments_round_trip() {
-        let cg = Args {
-            fd: 5,
-            cgroup: Some(PathBuf::from("/sys/fs/cgroup/conch.slice/elect-x-1")),
-            program: "/bin/sh".into(),
-            argv: vec!["sh".into(), "-c".into(), "echo --pgroup".into()],
-        };
-        let os = cg.to_os_args();
-        assert_eq!(Args::parse(os), Some(cg));
-        let pg = Args {
-            fd: 3,
-            cgroup: None,
-            program: "/usr/bin/env".into(),
-            argv: vec!["env".into(), "--".into()],
-        };
-        assert_eq!(Args::parse(pg.to_os_args()), Some(pg));
-    }
-
-    #[test]
-    fn bad_arguments_are_refused() {
-        let parse = |s: &[&str]| Args::parse(s.iter().map(OsString::from).collect());
-        assert_eq!(parse(&[]), None);
-        assert_eq!(
-            parse(&["--fd", "x", "--pgroup", "--", "/bin/true", "true"]),
-            None
-        );
-        assert_eq!(parse(&["--fd", "3", "--pgroup", "/bin/true", "true"]), None);
-        assert_eq!(
-            parse(&["--fd", "3", "--pgroup", "--", "/bin/true"]),
-            None,
-            "no argv"
-        );
-        assert_eq!(
-            parse(&["--fd", "3", "--other", "--", "/bin/true", "true"]),
-            None
-        );
-        assert!(parse(&["--fd", "3", "--pgroup", "--", "/bin/true", "true"]).is_some());
-    }
-}
+mod tests;
