@@ -151,6 +151,16 @@ impl Watched {
     }
 }
 
+impl Watched {
+    /// Poll for read readiness (for hand-written futures). Same contract as [`Watched::ready`].
+    pub(crate) fn poll_read_ready<'a>(
+        &'a self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<AsyncFdReadyGuard<'a, OwnedFd>>> {
+        self.0.poll_read_ready(cx)
+    }
+}
+
 impl AsFd for Watched {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.get_ref().as_fd()
