@@ -203,7 +203,7 @@ impl Link {
             drop(sock);
         }
         if !self.reaped {
-            poll_one(&*self.pidfd, PollFlags::IN, EXIT_WAIT);
+            poll_one(&self.pidfd, PollFlags::IN, EXIT_WAIT);
             self.reaped = reap(&self.pidfd);
             if !self.reaped {
                 tracing::warn!(supervisor = self.pid, "supervisor-still-running");
@@ -231,7 +231,7 @@ impl Link {
         self.sock = None;
         self.watch = None;
         let _ = rustix::process::pidfd_send_signal(&*self.pidfd, Signal::KILL);
-        poll_one(&*self.pidfd, PollFlags::IN, EXIT_WAIT);
+        poll_one(&self.pidfd, PollFlags::IN, EXIT_WAIT);
         self.reaped = reap(&self.pidfd);
     }
 }

@@ -203,9 +203,9 @@ mod test_hook {
         let mut args = cmdline
             .split(|b| *b == 0)
             .map(|a| OsString::from_vec(a.to_vec()));
-        if !args
+        if args
             .nth(1)
-            .is_some_and(|a| a == crate::child::supervisor::SUBCOMMAND)
+            .is_none_or(|a| a != crate::child::supervisor::SUBCOMMAND)
         {
             return;
         }
