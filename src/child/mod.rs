@@ -1,23 +1,31 @@
-//! One command tree: spawn it contained, wait on it through a pidfd, kill all of it.
+//! One command tree: spawn it contained, learn its exit, kill all of it.
 //!
 //! API CONTRACT (fixed; the hold loop in `hold/` and the recipes code against it).
 //!
 //! How it fits together:
 //! - `containment`: cgroup v2 when this host allows it, else a process group + subreaper.
-//! - `spawn` + `sys`: PATH lookup, environment, and the pre-exec hook that sets PDEATHSIG,
-//!   re-checks the parent and writes the child into its cgroup before anything executes.
-//! - `tree`: the pidfd (the one owner of the direct child's exit status), signalling, the kill
+//! - `supervisor`: the small process (`conch __supervise`, a re-exec of this binary) that
+//!   sits between conch and the child. It forks the child with the pre-exec containment of
+//!   `sys` (PDEATHSIG, parent re-check, into the cgroup before anything executes), reports its
+//!   exit, and kills the whole tree when conch dies (end-of-file on their socket) or stops
+//!   renewing the deadline D ([`Tree::set_deadline`]). `link` is conch's end of it.
+//! - `spawn`: PATH lookup and environment, decided in conch before the supervisor starts.
+//! - `tree`: signalling (through the child's pidfd, received from the supervisor), the kill
 //!   schedule. Nothing in conch uses `tokio::process` or a catch-all `waitpid`.
 //! - `pgroup`: the `/proc` sweep for the fallback mode; `registry`: live trees for the panic
-//!   hook ([`kill_all_live`]).
+//!   hook ([`kill_all_live`]) and for the sweeps.
 //!
-//! PDEATHSIG follows the forking *thread*: spawn from the thread that outlives the child
-//! (conch's current-thread runtime on the main thread), never from a short-lived thread.
+//! Only the supervisor forks the child, and it is single-threaded, so PDEATHSIG is sound and
+//! conch may spawn trees from any thread. The child runs in the supervisor's new session: it
+//! has no controlling terminal (its stdin, stdout and stderr are conch's), and terminal
+//! job-control signals reach conch only, which ends or forwards as holds.md §6 says.
 
 mod containment;
+mod link;
 mod pgroup;
 mod registry;
 mod spawn;
+pub mod supervisor;
 pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
@@ -127,19 +135,21 @@ pub enum SpawnError {
 /// A running (or finished) child tree. Dropping it kills the whole tree synchronously and
 /// removes its cgroup (best effort): no child outlives its `Tree`.
 ///
-/// Reaping: the direct child's status is consumed only through its pidfd (`waitid(P_PIDFD)`);
-/// in pgroup mode inherited orphans are reaped one pid at a time by the sweep.
+/// The direct child is the child of the tree's supervisor process, which reports its exit
+/// status to conch; conch reaps the supervisor (and, in pgroup mode, the direct child it
+/// leaves behind) when the tree is finished.
 #[derive(Debug)]
 pub struct Tree {
     /// Key in the live-tree registry.
     id: u64,
     pid: i32,
-    /// Shared with the registry so the panic hook can signal the child without the `Tree`.
+    /// The direct child's pidfd, sent by the supervisor. Shared with the registry so the
+    /// panic hook can signal the child without the `Tree`.
     pidfd: Arc<OwnedFd>,
     /// The direct child has been reaped (its pid and pgid may be reused from then on).
     reaped: Arc<AtomicBool>,
-    /// The pidfd registered with tokio, created on the first `wait`.
-    watch: Option<sys::Watched>,
+    /// The supervisor and the socket to it.
+    link: link::Link,
     exit: Option<Exit>,
     scope: registry::Scope,
     /// `kill` was called: pgroup sweeps keep SIGKILLing whatever they find.
@@ -150,16 +160,26 @@ pub struct Tree {
 
 impl Tree {
     /// Spawn `cmd` so that it and every descendant is inside the containment before it
-    /// executes anything; stdin/stdout/stderr inherited.
+    /// executes anything; stdin/stdout/stderr inherited, no controlling terminal.
     ///
-    /// argv[0] is looked up in PATH (the child's, if `cmd.env` sets one) before forking.
-    /// `NOTIFY_SOCKET`, `WATCHDOG_PID`, `WATCHDOG_USEC` and `CONCH_PASSWORD` are removed from
-    /// the environment, then `cmd.env` is applied. The child gets PDEATHSIG=SIGKILL bound to
-    /// the calling thread, so call this from a thread that outlives the child. Blocks until
-    /// the child has exec'd (or failed to). In pgroup mode this marks conch as child
-    /// subreaper.
+    /// argv[0] is looked up in PATH (the child's, if `cmd.env` sets one) before anything is
+    /// started. `NOTIFY_SOCKET`, `WATCHDOG_PID`, `WATCHDOG_USEC` and `CONCH_PASSWORD` are
+    /// removed from the environment, then `cmd.env` is applied. Starts the tree's supervisor
+    /// (`/proc/self/exe __supervise`), which forks the child with PDEATHSIG=SIGKILL, default
+    /// signal dispositions and an empty signal mask; may be called from any thread. Blocks
+    /// until the child has exec'd (or failed to). Until the first [`Tree::set_deadline`] the
+    /// supervisor enforces no deadline, only conch's death. In pgroup mode this marks conch as
+    /// child subreaper.
     pub fn spawn(containment: &Containment, cmd: &ChildCommand) -> Result<Tree, SpawnError> {
         Tree::spawn_impl(containment, cmd)
+    }
+
+    /// Tell the supervisor the instant D by which the whole tree must be dead (`None`: no
+    /// deadline). If D passes without a newer one — conch is stopped, frozen or wedged — the
+    /// supervisor kills the tree on its own and exits; [`Tree::wait`] then reports the kill.
+    /// Never blocks; repeating the same D sends nothing.
+    pub fn set_deadline(&self, d: Option<crate::hold::clock::BootInstant>) {
+        self.set_deadline_impl(d);
     }
 
     /// pid of the direct child.
@@ -171,7 +191,7 @@ impl Tree {
     pub fn mode(&self) -> ContainmentMode {
         match self.scope {
             registry::Scope::Cgroup(_) => ContainmentMode::Cgroup,
-            registry::Scope::Pgroup { .. } => ContainmentMode::Pgroup,
+            registry::Scope::Pgroup => ContainmentMode::Pgroup,
         }
     }
 
@@ -179,7 +199,7 @@ impl Tree {
     pub fn cgroup_path(&self) -> Option<&Path> {
         match &self.scope {
             registry::Scope::Cgroup(cg) => Some(cg.path()),
-            registry::Scope::Pgroup { .. } => None,
+            registry::Scope::Pgroup => None,
         }
     }
 
@@ -188,23 +208,23 @@ impl Tree {
     pub fn cpu_usage(&self) -> Option<Duration> {
         match &self.scope {
             registry::Scope::Cgroup(cg) => cg.cpu_usage().ok(),
-            registry::Scope::Pgroup { .. } => None,
+            registry::Scope::Pgroup => None,
         }
     }
 
-    /// Wait for the direct child to exit (pidfd). Cancel-safe; returns the same value again
-    /// once it has exited.
+    /// Wait for the direct child to exit, as its supervisor reports it. Cancel-safe; returns
+    /// the same value again once it has exited.
     ///
-    /// Needs a tokio runtime with I/O enabled. If something else in the process stole the
-    /// child's status (a catch-all `waitpid`), the exit is reported as `Code(-1)`.
+    /// Needs a tokio runtime with I/O enabled. If the supervisor dies without reporting, the
+    /// tree is killed at once (fail closed) and the exit is `Signal(9)`; a status the
+    /// supervisor could not read is `Code(-1)`.
     pub async fn wait(&mut self) -> Exit {
         self.wait_impl().await
     }
 
-    /// The direct child's exit if it has already been reaped or can be reaped now; never
-    /// blocks.
+    /// The direct child's exit if the supervisor has reported it; never blocks.
     pub fn try_wait(&mut self) -> Option<Exit> {
-        self.try_reap()
+        self.poll_exit()
     }
 
     /// Forward a signal (HUP, USR1, …) to the direct child through its pidfd.

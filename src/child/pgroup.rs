@@ -7,12 +7,16 @@
 //! parent stays alive is found only through the parent link, and one that forks between a
 //! scan and the signal is caught by the next sweep (`wait_empty` keeps killing after `kill`).
 //! conch cannot tell which tree an inherited orphan came from, so every pgroup tree claims
-//! every inherited child that is not some `Tree`'s direct child; conch starts no other
-//! children in pgroup mode.
+//! every inherited child that is not some `Tree`'s supervisor or direct child; conch starts no
+//! other children in pgroup mode.
+//!
+//! The direct child is the supervisor's child, not conch's; descendants orphaned below it are
+//! re-parented to conch (the subreaper), not to the supervisor. Sweeps run only in conch: once
+//! conch is dead or stopped, the supervisor can only kill the process group.
 //!
 //! Reaping: conch reaps inherited zombies one pid at a time (`waitpid(pid, WNOHANG)`), never
-//! with a catch-all wait, and never a `Tree`'s direct child (its pidfd owns that status).
-//! Callers hold the registry lock so a just-forked direct child is not mistaken for an orphan.
+//! with a catch-all wait, and never a supervisor or a direct child (the `Tree` reaps those).
+//! Callers hold the registry lock so a just-forked supervisor is not mistaken for an orphan.
 
 use std::collections::{HashMap, HashSet};
 
@@ -61,7 +65,7 @@ fn scan() -> Vec<Proc> {
 }
 
 /// The processes of the tree rooted at `direct` (process group `pgid`), including zombies.
-/// `directs` are the direct children of all live trees, which are never orphans.
+/// `directs` are the supervisors and direct children of all live trees, never orphans.
 pub(crate) fn members(
     procs: &[Proc],
     me: i32,

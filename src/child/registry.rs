@@ -1,8 +1,8 @@
 //! Process-wide list of live trees, so a panic hook can kill them all and pgroup sweeps know
-//! which of conch's children are direct children (not orphans).
+//! which of conch's children are the trees' supervisors (not orphans).
 //!
 //! The lock is held only for short, non-panicking work: registering, a `/proc` sweep, and
-//! the spawn itself (so a freshly forked child is registered before any sweep can see it).
+//! the spawn of a supervisor (so it is registered before any sweep can see it).
 
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
@@ -18,15 +18,26 @@ use crate::cgroup::{Cgroup, CgroupError};
 #[derive(Debug, Clone)]
 pub(crate) enum Scope {
     Cgroup(Cgroup),
-    Pgroup { pgid: i32 },
+    /// The direct child leads its own process group (pgid = its pid).
+    Pgroup,
+}
+
+/// The direct child of a tree (the supervisor's child), as reported by the supervisor.
+#[derive(Debug, Clone)]
+pub(crate) struct Direct {
+    pub pid: i32,
+    pub pidfd: Arc<OwnedFd>,
 }
 
 /// What it takes to kill one tree without its `Tree`.
 #[derive(Debug)]
 pub(crate) struct Live {
     pub id: u64,
-    pub pid: i32,
-    pub pidfd: Arc<OwnedFd>,
+    /// The tree's supervisor: conch's own child, never an orphan for pgroup sweeps.
+    pub supervisor: i32,
+    pub supervisor_fd: Arc<OwnedFd>,
+    /// `None` until the supervisor has reported the child.
+    pub child: Option<Direct>,
     /// Set once the direct child is reaped (its pid, and so its pgid, may then be reused).
     pub reaped: Arc<AtomicBool>,
     pub scope: Scope,
@@ -54,15 +65,36 @@ pub(crate) fn unregister(id: u64) {
     lock().retain(|l| l.id != id);
 }
 
-/// Direct children of every live tree.
+/// Processes that belong to live trees as such, never orphans to claim or reap: every
+/// supervisor (conch's own child) and every direct child (conch's child too, once re-parented
+/// after its supervisor died).
 pub(crate) fn directs(live: &[Live]) -> HashSet<i32> {
-    live.iter().map(|l| l.pid).collect()
+    live.iter()
+        .flat_map(|l| [Some(l.supervisor), l.child.as_ref().map(|c| c.pid)])
+        .flatten()
+        .collect()
+}
+
+/// Record the direct child the supervisor of tree `id` reported.
+pub(crate) fn set_child(id: u64, child: Direct) {
+    if let Some(entry) = lock().iter_mut().find(|l| l.id == id) {
+        entry.child = Some(child);
+    }
 }
 
 /// SIGKILL one tree: `cgroup.kill`, or the group plus a sweep; and the direct child through
-/// its pidfd in either case (it may have left its cgroup or group). Does not wait.
+/// its pidfd in either case (it may have left its cgroup or group). Before the supervisor has
+/// reported the child, the supervisor itself is killed: the child's PDEATHSIG follows. Does
+/// not wait.
 pub(crate) fn kill(live: &[Live], entry: &Live) {
-    let _ = rustix::process::pidfd_send_signal(&*entry.pidfd, Signal::KILL);
+    match &entry.child {
+        Some(child) => {
+            let _ = rustix::process::pidfd_send_signal(&*child.pidfd, Signal::KILL);
+        }
+        None => {
+            let _ = rustix::process::pidfd_send_signal(&*entry.supervisor_fd, Signal::KILL);
+        }
+    }
     match &entry.scope {
         Scope::Cgroup(cg) => {
             match cg.kill() {
@@ -73,9 +105,17 @@ pub(crate) fn kill(live: &[Live], entry: &Live) {
                 Err(e) => tracing::warn!(error = %e, "cgroup-kill-failed"),
             }
         }
-        Scope::Pgroup { pgid } => {
-            let pinned = !entry.reaped.load(Ordering::Acquire);
-            pgroup::sweep(entry.pid, *pgid, pinned, &directs(live), Some(Signal::KILL));
+        Scope::Pgroup => {
+            if let Some(child) = &entry.child {
+                let pinned = !entry.reaped.load(Ordering::Acquire);
+                pgroup::sweep(
+                    child.pid,
+                    child.pid,
+                    pinned,
+                    &directs(live),
+                    Some(Signal::KILL),
+                );
+            }
         }
     }
 }

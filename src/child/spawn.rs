@@ -6,13 +6,13 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{ChildCommand, SpawnError, sys};
+use super::{ChildCommand, SpawnError, supervisor, sys};
 
 /// Variables conch never passes on: systemd's notify/watchdog protocol belongs to conch, not
 /// to its child, and the etcd password is conch's secret.
@@ -99,25 +99,33 @@ fn candidate(path: &Path) -> Candidate {
     }
 }
 
-/// The `Command` for `cmd`: resolved program with the original argv[0], stdio inherited,
-/// environment filtered, and the pre-exec containment hook. In pgroup mode the child leads a
-/// new process group; in cgroup mode it stays in conch's (so job control on a terminal works).
+/// The `Command` that starts `cmd`'s supervisor: `/proc/self/exe __supervise …` with the
+/// resolved program and the original argv, the supervisor's end of the socket `sock` passed
+/// through exec, stdio inherited, and the environment the child will have (filtered, then
+/// extended; the supervisor passes it on untouched). `cgroup` is the child's cgroup, `None`
+/// in pgroup mode (the child then leads a new process group). Keep `sock` open until the
+/// command has been spawned.
 pub(crate) fn command(
     cmd: &ChildCommand,
     program: &Path,
-    procs: Option<OwnedFd>,
-    new_group: bool,
+    sock: BorrowedFd<'_>,
+    cgroup: Option<&Path>,
 ) -> Command {
-    let mut c = Command::new(program);
-    c.arg0(&cmd.argv[0]).args(&cmd.argv[1..]);
+    let args = supervisor::Args {
+        fd: sock.as_raw_fd(),
+        cgroup: cgroup.map(Path::to_path_buf),
+        program: program.as_os_str().to_owned(),
+        argv: cmd.argv.clone(),
+    };
+    let mut c = Command::new(supervisor::SELF_EXE);
+    c.arg0("conch")
+        .arg(supervisor::SUBCOMMAND)
+        .args(args.to_os_args());
     for key in STRIPPED_ENV {
         c.env_remove(key);
     }
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
-    if new_group {
-        c.process_group(0);
-    }
-    sys::contain_before_exec(&mut c, rustix::process::getpid(), procs);
+    sys::pass_fd(&mut c, sock);
     c
 }
 

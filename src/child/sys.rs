@@ -1,13 +1,14 @@
-//! The only `unsafe` in conch: the code that runs between fork and exec, and registering
-//! owned fds with tokio's reactor.
+//! The only `unsafe` in conch: the code that runs between fork and exec, taking over the fd
+//! the supervisor inherits, registering owned fds with tokio's reactor, and (in test builds)
+//! the hook that lets the test binary act as a supervisor.
 //!
 //! Between fork and exec only async-signal-safe calls are allowed: raw syscalls through rustix
-//! (no allocation, no locks, no logging). Errors become `io::Error::from_raw_os_error`, which
-//! does not allocate; std reports them to the parent as the spawn error.
+//! or libc (no allocation, no locks, no logging). Errors become `io::Error::from_raw_os_error`,
+//! which does not allocate; std reports them to the parent as the spawn error.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -15,14 +16,18 @@ use rustix::process::{Pid, Signal};
 use tokio::io::Interest;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
-/// Make the child, before it executes anything: ask for SIGKILL when conch dies, verify conch
-/// (`parent`) has not already died (exit if it has), then move itself into the cgroup whose
-/// `cgroup.procs` is `procs` (when given) so every later descendant is born inside.
+/// Make the child, before it executes anything: ask for SIGKILL when its parent (the
+/// supervisor, `parent`) dies, verify the parent has not already died (fail if it has), move
+/// itself into the cgroup whose `cgroup.procs` is `procs` (when given) so every later
+/// descendant is born inside, and start from default signal dispositions and an empty mask.
+///
+/// PDEATHSIG follows the forking *thread*: call this only in a process whose forking thread
+/// lives as long as the child (the single-threaded supervisor).
 pub(crate) fn contain_before_exec(cmd: &mut Command, parent: Pid, procs: Option<OwnedFd>) {
     let hook = move || -> io::Result<()> {
         rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
         if rustix::process::getppid() != Some(parent) {
-            // conch died between fork and prctl: PDEATHSIG will never fire, so do not run.
+            // The parent died between fork and prctl: PDEATHSIG will never fire, so do not run.
             return Err(io::Error::from_raw_os_error(
                 rustix::io::Errno::SRCH.raw_os_error(),
             ));
@@ -30,15 +35,93 @@ pub(crate) fn contain_before_exec(cmd: &mut Command, parent: Pid, procs: Option<
         if let Some(procs) = &procs {
             rustix::io::write(procs, b"0")?;
         }
+        default_signals();
         Ok(())
     };
     // SAFETY: the hook runs in the forked child before exec. It only makes raw syscalls
-    // (prctl, getppid, write) through rustix and builds errors from errno values, none of
-    // which allocates, takes a lock or touches state another thread could have left
-    // inconsistent at fork; it borrows only the fd it owns.
+    // (prctl, getppid, write, sigaction, sigprocmask) through rustix and libc and builds
+    // errors from errno values, none of which allocates, takes a lock or touches state another
+    // thread could have left inconsistent at fork; it borrows only the fd it owns.
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// Every catchable signal back to `SIG_DFL` and nothing blocked: ignored signals survive
+/// `exec`, so without this a child would inherit whatever its ancestors ignored. Async-signal
+/// safe.
+///
+/// The raw `rt_sigaction` syscall is used because glibc's wrappers refuse signals 32 and 33
+/// (reserved for its own threads), which a parent may still have left ignored. An all-zero
+/// kernel `struct sigaction` means `SIG_DFL`, no flags, empty mask, whatever the field order.
+fn default_signals() {
+    const KERNEL_SIGSET_BYTES: usize = 8;
+    let dfl = [0u64; 4];
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `rt_sigaction` reads a zeroed `struct sigaction` (no larger than 32 bytes on
+        // any Linux target) from `dfl`, installs no handler, and writes nothing back (null old
+        // action); an invalid number only returns an error.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_BYTES,
+            );
+        }
+    }
+    let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigemptyset` initialises the set it is given; `sigprocmask` only reads it.
+    // Both are async-signal-safe.
+    unsafe {
+        if libc::sigemptyset(empty.as_mut_ptr()) == 0 {
+            libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut());
+        }
+    }
+}
+
+/// Let `fd` (close-on-exec in conch) survive the `exec` of `cmd`, with the same number, in the
+/// forked child only: clearing the flag in conch itself would leak the fd into children other
+/// threads fork meanwhile. `cmd` must not outlive `fd`.
+pub(crate) fn pass_fd(cmd: &mut Command, fd: BorrowedFd<'_>) {
+    let raw = fd.as_raw_fd();
+    let hook = move || -> io::Result<()> {
+        // SAFETY: `raw` is open in the child: the fork copied conch's table while the caller
+        // kept `fd` open, and nothing in the child closes it before exec.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes one fcntl syscall
+    // through rustix: async-signal-safe, no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Take ownership of the socket conch passed to the supervisor as fd `raw`. `None` if `raw`
+/// is a standard stream, not open, or not a socket.
+///
+/// Call once, at the supervisor's start: nothing else in the process owns a descriptor above 2
+/// yet.
+pub(crate) fn adopt_socket(raw: RawFd) -> Option<OwnedFd> {
+    if raw <= 2 {
+        return None;
+    }
+    // SAFETY: F_GETFD only queries the descriptor table; an unused number gives EBADF.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is open (checked above) and, at the supervisor's start, owned by nothing
+    // else in this process: std opens no descriptor above 2 before `main`.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let stat = rustix::fs::fstat(&fd).ok()?;
+    (rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::Socket)
+        .then_some(fd)
 }
 
 /// An owned fd registered with the tokio reactor. Wrapping `AsyncFd` keeps the fd out of
@@ -68,8 +151,65 @@ impl Watched {
     }
 }
 
+impl Watched {
+    /// Poll for read readiness (for hand-written futures). Same contract as [`Watched::ready`].
+    pub(crate) fn poll_read_ready<'a>(
+        &'a self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<AsyncFdReadyGuard<'a, OwnedFd>>> {
+        self.0.poll_read_ready(cx)
+    }
+}
+
 impl AsFd for Watched {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.get_ref().as_fd()
+    }
+}
+
+/// Ignore `sig` in this whole (test) process, as a parent of conch might have: children must
+/// still start with the default action.
+#[cfg(test)]
+pub(crate) fn ignore_signal(sig: i32) {
+    // SAFETY: installing `SIG_IGN` runs no code in the process; tests choose a signal nothing
+    // else in the test binary handles.
+    unsafe {
+        libc::signal(sig, libc::SIG_IGN);
+    }
+}
+
+/// Test binaries start in libtest's `main`, which knows nothing of `__supervise`. This runs
+/// before it (an `.init_array` entry) and turns the test binary into a supervisor when started
+/// as one, as `main.rs` does for the real binary: `Tree::spawn` starts `/proc/self/exe`.
+#[cfg(test)]
+mod test_hook {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    // SAFETY: a function pointer in `.init_array` is called once by the C runtime before
+    // `main` with the usual (argc, argv, envp) arguments, which this function ignores; it is a
+    // plain `extern "C" fn` with no preconditions.
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static INTERCEPT: extern "C" fn() = intercept;
+
+    extern "C" fn intercept() {
+        // Cheap check first: every test binary runs this at start.
+        let Ok(mut cmdline) = std::fs::read("/proc/self/cmdline") else {
+            return;
+        };
+        // Every argument ends with a NUL; drop the last so splitting yields no extra item.
+        cmdline.pop();
+        let mut args = cmdline
+            .split(|b| *b == 0)
+            .map(|a| OsString::from_vec(a.to_vec()));
+        if args
+            .nth(1)
+            .is_none_or(|a| a != crate::child::supervisor::SUBCOMMAND)
+        {
+            return;
+        }
+        let code = crate::child::supervisor::run(args.collect());
+        std::process::exit(i32::from(code));
     }
 }

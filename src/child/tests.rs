@@ -2,7 +2,7 @@
 //! condition against a deadline.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -13,21 +13,21 @@ use super::*;
 use crate::cgroup::testing::{PROCESSES, TestRoot};
 
 /// Generous bound for anything that should take milliseconds.
-const PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
-    fn new() -> Scratch {
+    pub(crate) fn new() -> Scratch {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("conch-child-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
-    fn file(&self, name: &str) -> PathBuf {
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }
@@ -39,7 +39,7 @@ impl Drop for Scratch {
 }
 
 /// `sh -c script` with `$D` set to `dir`.
-fn sh(script: &str, dir: &Path) -> ChildCommand {
+pub(crate) fn sh(script: &str, dir: &Path) -> ChildCommand {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     ChildCommand {
         argv: vec!["sh".into(), "-c".into(), script.into()],
@@ -48,16 +48,16 @@ fn sh(script: &str, dir: &Path) -> ChildCommand {
     }
 }
 
-fn in_cgroup(root: &TestRoot) -> Containment {
+pub(crate) fn in_cgroup(root: &TestRoot) -> Containment {
     Containment::resolve(ContainmentRequest::Cgroup, Some(root.path().to_path_buf()))
         .expect("cgroup containment")
 }
 
-fn in_pgroup() -> Containment {
+pub(crate) fn in_pgroup() -> Containment {
     Containment::resolve(ContainmentRequest::Pgroup, None).unwrap()
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -66,7 +66,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Wait for a file the child writes, and return its trimmed contents.
-async fn read_when_written(path: &Path) -> String {
+pub(crate) async fn read_when_written(path: &Path) -> String {
     let mut text = String::new();
     eventually(&format!("{}", path.display()), || {
         text = std::fs::read_to_string(path).unwrap_or_default();
@@ -77,12 +77,12 @@ async fn read_when_written(path: &Path) -> String {
 }
 
 /// Pin a process by pid, so its death can be observed without pid-reuse doubts.
-fn pin(pid: &str) -> OwnedFd {
+pub(crate) fn pin(pid: &str) -> OwnedFd {
     let pid = Pid::from_raw(pid.parse().unwrap()).unwrap();
     rustix::process::pidfd_open(pid, PidfdFlags::empty()).expect("process is alive")
 }
 
-fn exited(pidfd: &OwnedFd) -> bool {
+pub(crate) fn exited(pidfd: &OwnedFd) -> bool {
     let mut fds = [rustix::event::PollFd::new(
         pidfd,
         rustix::event::PollFlags::IN,
@@ -96,13 +96,13 @@ fn exited(pidfd: &OwnedFd) -> bool {
 
 /// Starts a child that leaves two escapees: one in a new session (`setsid`) and one
 /// double-forked (its parent exits at once). Both write their pid and then sleep.
-const ESCAPEES: &str = r#"
+pub(crate) const ESCAPEES: &str = r#"
 setsid sh -c 'echo $$ > "$D/setsid.tmp"; mv "$D/setsid.tmp" "$D/setsid"; exec sleep 300' &
 sh -c '(echo $$ > /dev/null; sh -c "echo \$\$ > \"$D/double.tmp\"; mv \"$D/double.tmp\" \"$D/double\"; exec sleep 300" &) ; exit 0'
 exec sleep 300
 "#;
 
-async fn escapees(dir: &Scratch) -> (OwnedFd, OwnedFd) {
+pub(crate) async fn escapees(dir: &Scratch) -> (OwnedFd, OwnedFd) {
     let setsid = read_when_written(&dir.file("setsid")).await;
     let double = read_when_written(&dir.file("double")).await;
     (pin(&setsid), pin(&double))
@@ -236,7 +236,8 @@ async fn environment_is_filtered_then_extended() {
     let dir = Scratch::new();
     let mut cmd = sh(r#"echo "$CONCH_TEST_VAR" > "$D/env""#, &dir.0);
     cmd.env.push(("CONCH_TEST_VAR".into(), "hello".into()));
-    let built = spawn::command(&cmd, Path::new("/bin/sh"), None, false);
+    let (sock, _other) = supervisor::proto::pair().unwrap();
+    let built = spawn::command(&cmd, Path::new("/bin/sh"), sock.as_fd(), None);
     let envs: Vec<_> = built.get_envs().collect();
     for key in spawn::STRIPPED_ENV {
         assert!(
@@ -321,13 +322,14 @@ async fn cpu_usage_is_reported() {
 }
 
 #[test]
-fn pdeathsig_follows_the_spawning_thread() {
+fn any_thread_may_spawn() {
     let root = TestRoot::new();
     let dir = Scratch::new();
     let containment = in_cgroup(&root);
-    let cmd = sh("exec sleep 300", &dir.0);
+    let cmd = sh(r#"echo ready > "$D/ready"; exec sleep 300"#, &dir.0);
     let _shared = PROCESSES.blocking_read();
-    // The thread that forked exits at once: the child must be SIGKILLed by PDEATHSIG.
+    // The thread that spawned exits at once. The supervisor forked the child from its only
+    // thread, so the child's PDEATHSIG is not tied to the short-lived thread.
     let mut tree = std::thread::spawn(move || Tree::spawn(&containment, &cmd).unwrap())
         .join()
         .unwrap();
@@ -335,9 +337,16 @@ fn pdeathsig_follows_the_spawning_thread() {
         .enable_all()
         .build()
         .unwrap();
-    let exit = rt.block_on(async { tokio::time::timeout(PATIENCE, tree.wait()).await });
-    assert_eq!(exit.unwrap(), Exit::Signal(9));
-    drop(tree);
+    rt.block_on(async {
+        read_when_written(&dir.file("ready")).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), tree.wait())
+                .await
+                .is_err(),
+            "the child outlives the thread that spawned it"
+        );
+        assert_eq!(tree.shutdown(PATIENCE).await, Exit::Signal(15));
+    });
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -1,4 +1,5 @@
-//! The bodies behind `Tree`'s public methods: spawn, reap through the pidfd, signal, sweep.
+//! The bodies behind `Tree`'s public methods: start the supervisor, read the child's exit
+//! from it, signal, sweep.
 
 use std::collections::HashSet;
 use std::io;
@@ -7,17 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
-use tokio::io::Interest;
+use rustix::process::{Pid, PidfdFlags, Signal};
 
-use super::registry::{self, Live, Scope};
-use super::{
-    ChildCommand, Containment, ContainmentMode, Exit, SpawnError, Tree, pgroup, spawn, sys,
-};
+use super::link::{self, Handshake, Link, Polled};
+use super::registry::{self, Direct, Live, Scope};
+use super::supervisor::proto;
+use super::{ChildCommand, Containment, ContainmentMode, Exit, SpawnError, Tree, pgroup, spawn};
 use crate::cgroup::{Cgroup, CgroupError};
-
-/// Safety net under the pidfd wake-up: `wait` re-checks the child this often regardless.
-const PIDFD_RECHECK: Duration = Duration::from_millis(100);
 
 /// How often pgroup mode re-scans `/proc` while waiting for the tree to empty: short enough
 /// to notice a quick exit, long enough that a scan (~1 ms) stays a small share of a core.
@@ -27,12 +24,12 @@ const PGROUP_POLL: Duration = Duration::from_millis(10);
 /// waiting on rather than claiming the tree is empty).
 const EVENTS_RETRY: Duration = Duration::from_millis(100);
 
-/// How long `Drop` blocks for a killed tree to empty and the child to be reaped: the spec's
-/// "dead within 1 s" budget.
+/// How long `Drop` blocks for a killed tree to empty and the child's exit to be reported: the
+/// spec's "dead within 1 s" budget.
 const DROP_WAIT: Duration = Duration::from_secs(1);
 
-/// Reported when the direct child's status was consumed by someone else (a catch-all
-/// `waitpid` elsewhere in the process): outside 0..=255, so it cannot pass as a real code.
+/// Reported when the direct child's status could not be read by the supervisor: outside
+/// 0..=255, so it cannot pass as a real code.
 pub(crate) const STATUS_LOST: i32 = -1;
 
 impl Tree {
@@ -50,7 +47,7 @@ impl Tree {
         };
         let program = spawn::resolve_program(argv0, spawn::child_path(cmd).map(|p| p.as_os_str()))?;
 
-        let (cgroup, procs) = match containment.mode {
+        let cgroup = match containment.mode {
             ContainmentMode::Cgroup => {
                 let leaf = &cmd.cgroup_leaf;
                 if leaf.is_empty() || leaf.contains('/') || leaf == "." || leaf == ".." {
@@ -65,123 +62,131 @@ impl Tree {
                         "cgroup containment without a cgroup root",
                     ))
                 })?;
-                let cg = Cgroup::create(root.join(leaf)).map_err(|e| other(io::Error::other(e)))?;
-                let procs = cg.open_procs().map_err(|e| other(io::Error::other(e)))?;
-                (Some(cg), Some(procs))
+                Some(Cgroup::create(root.join(leaf)).map_err(|e| other(io::Error::other(e)))?)
             }
             ContainmentMode::Pgroup => {
                 rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
                     .map_err(|e| other(e.into()))?;
-                (None, None)
+                None
             }
         };
-        let mut command = spawn::command(cmd, &program, procs, cgroup.is_none());
+        let scope = match &cgroup {
+            Some(cg) => Scope::Cgroup(cg.clone()),
+            None => Scope::Pgroup,
+        };
+        let (ours, theirs) = match proto::pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                discard(cgroup.as_ref());
+                return Err(other(e));
+            }
+        };
+        let mut command = spawn::command(
+            cmd,
+            &program,
+            theirs.as_fd(),
+            cgroup.as_ref().map(Cgroup::path),
+        );
 
-        // Fork with the registry locked, so no pgroup sweep sees the child unregistered.
+        // Fork with the registry locked, so no pgroup sweep sees the supervisor unregistered.
         let mut live = registry::lock();
         let spawned = command.spawn();
-        drop(command); // closes conch's copy of the cgroup.procs fd
-        let child = match spawned {
+        drop(command);
+        drop(theirs); // the supervisor holds the only other end now
+        let supervisor = match spawned {
             Ok(child) => child,
             Err(e) => {
                 drop(live);
-                if let Some(cg) = &cgroup {
-                    let _ = cg.remove_blocking();
-                }
-                return Err(spawn::map_error(argv0, e));
+                discard(cgroup.as_ref());
+                return Err(other(e));
             }
         };
-        // std's `Child` is dropped without waiting: the pidfd below owns the child's status.
-        let pid = child.id() as i32;
-        drop(child);
-        let pidfd =
-            match Pid::from_raw(pid).map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty())) {
-                Some(Ok(fd)) => Arc::new(fd),
-                failed => {
-                    drop(live);
-                    abandon(pid, cgroup.as_ref());
-                    let e = match failed {
-                        Some(Err(e)) => e.into(),
-                        _ => io::Error::other("invalid pid"),
-                    };
-                    return Err(other(e));
-                }
-            };
-        let scope = match cgroup {
-            Some(cg) => Scope::Cgroup(cg),
-            None => Scope::Pgroup { pgid: pid },
+        // std's `Child` is dropped without waiting: the pidfd below owns the status.
+        let supervisor_pid = supervisor.id() as i32;
+        drop(supervisor);
+        let supervisor_fd = match Pid::from_raw(supervisor_pid)
+            .map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()))
+        {
+            Some(Ok(fd)) => Arc::new(fd),
+            failed => {
+                drop(live);
+                abandon(supervisor_pid);
+                discard(cgroup.as_ref());
+                return Err(other(match failed {
+                    Some(Err(e)) => e.into(),
+                    _ => io::Error::other("invalid pid"),
+                }));
+            }
         };
         let reaped = Arc::new(AtomicBool::new(false));
         let id = registry::next_id();
         live.push(Live {
             id,
-            pid,
-            pidfd: Arc::clone(&pidfd),
+            supervisor: supervisor_pid,
+            supervisor_fd: Arc::clone(&supervisor_fd),
+            child: None,
             reaped: Arc::clone(&reaped),
             scope: scope.clone(),
         });
         drop(live);
-        Ok(Tree {
-            id,
-            pid,
-            pidfd,
-            reaped,
-            watch: None,
-            exit: None,
-            scope,
-            killed: AtomicBool::new(false),
-            finished: false,
-        })
+
+        let mut link = Link::new(ours, supervisor_pid, supervisor_fd);
+        let failure = match link.handshake() {
+            Handshake::Spawned { pid, pidfd } => {
+                let pidfd = Arc::new(pidfd);
+                registry::set_child(
+                    id,
+                    Direct {
+                        pid,
+                        pidfd: Arc::clone(&pidfd),
+                    },
+                );
+                return Ok(Tree {
+                    id,
+                    pid,
+                    pidfd,
+                    reaped,
+                    link,
+                    exit: None,
+                    scope,
+                    killed: AtomicBool::new(false),
+                    finished: false,
+                });
+            }
+            Handshake::Refused(e) => spawn::map_error(argv0, e),
+            Handshake::Broken(e) => other(e),
+        };
+        link.abort();
+        discard(cgroup.as_ref());
+        registry::unregister(id);
+        Err(failure)
     }
 
-    /// Reap the direct child if it has exited (never blocks).
-    pub(super) fn try_reap(&mut self) -> Option<Exit> {
-        if self.exit.is_some() {
-            return self.exit;
-        }
-        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
-        let exit = loop {
-            match rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), options) {
-                Ok(Some(status)) => match (status.exit_status(), status.terminating_signal()) {
-                    (Some(code), _) => break Exit::Code(code),
-                    (None, Some(signal)) => break Exit::Signal(signal),
-                    (None, None) => return None,
-                },
-                Ok(None) => return None,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, "child-status-lost");
-                    break Exit::Code(STATUS_LOST);
+    /// The direct child's exit, once the supervisor has reported it (never blocks).
+    ///
+    /// A supervisor gone without reporting it fails closed: the tree is killed and the child
+    /// counts as killed by SIGKILL (its PDEATHSIG fired with the supervisor's death).
+    pub(super) fn poll_exit(&mut self) -> Option<Exit> {
+        if self.exit.is_none() {
+            match self.link.poll() {
+                Polled::Exit(exit) => self.exit = Some(exit),
+                Polled::Pending => {}
+                Polled::Closed => {
+                    tracing::warn!(pid = self.pid, "supervisor-lost");
+                    self.kill_impl();
+                    self.exit = Some(Exit::Signal(Signal::KILL.as_raw()));
                 }
             }
-        };
-        self.reaped.store(true, Ordering::Release);
-        self.exit = Some(exit);
-        Some(exit)
+        }
+        self.exit
     }
 
     pub(super) async fn wait_impl(&mut self) -> Exit {
         loop {
-            if let Some(exit) = self.try_reap() {
+            if let Some(exit) = self.poll_exit() {
                 return exit;
             }
-            if self.watch.is_none() {
-                self.watch = self
-                    .pidfd
-                    .try_clone()
-                    .and_then(|fd| sys::Watched::new(fd, Interest::READABLE))
-                    .ok();
-            }
-            match &self.watch {
-                Some(watch) => {
-                    if let Ok(Ok(mut guard)) =
-                        tokio::time::timeout(PIDFD_RECHECK, watch.ready(Interest::READABLE)).await
-                    {
-                        guard.clear_ready();
-                    }
-                }
-                None => tokio::time::sleep(PIDFD_RECHECK).await,
-            }
+            self.link.readable().await;
         }
     }
 
@@ -189,13 +194,13 @@ impl Tree {
     pub(super) fn signal_tree(&self, signals: &[Signal]) {
         match &self.scope {
             Scope::Cgroup(cg) => signal_cgroup(cg, signals),
-            Scope::Pgroup { pgid } => {
+            Scope::Pgroup => {
                 let live = registry::lock();
                 let pinned = !self.reaped.load(Ordering::Acquire);
                 for sig in signals {
                     pgroup::sweep(
                         self.pid,
-                        *pgid,
+                        self.pid,
                         pinned,
                         &registry::directs(&live),
                         Some(*sig),
@@ -215,11 +220,18 @@ impl Tree {
 
     /// One pgroup sweep: reap inherited zombies, keep killing once `kill` was called; returns
     /// how many processes of the tree are still alive.
-    fn pgroup_sweep(&self, pgid: i32) -> usize {
+    fn pgroup_sweep(&self) -> usize {
         let live = registry::lock();
         let pinned = !self.reaped.load(Ordering::Acquire);
         let signal = self.killed.load(Ordering::Acquire).then_some(Signal::KILL);
-        pgroup::sweep(self.pid, pgid, pinned, &registry::directs(&live), signal).alive
+        pgroup::sweep(
+            self.pid,
+            self.pid,
+            pinned,
+            &registry::directs(&live),
+            signal,
+        )
+        .alive
     }
 
     pub(super) async fn wait_empty_impl(&mut self) {
@@ -238,9 +250,8 @@ impl Tree {
                     }
                 }
             },
-            Scope::Pgroup { pgid } => {
-                let pgid = *pgid;
-                while self.pgroup_sweep(pgid) > 0 {
+            Scope::Pgroup => {
+                while self.pgroup_sweep() > 0 {
                     tokio::time::sleep(PGROUP_POLL).await;
                 }
             }
@@ -271,6 +282,7 @@ impl Tree {
         {
             tracing::warn!(error = %e, "cgroup-remove-failed");
         }
+        self.finish_link(true);
         self.finished = true;
         tracing::debug!(
             pid = self.pid,
@@ -280,37 +292,60 @@ impl Tree {
         exit
     }
 
-    /// `Drop`: kill, block up to [`DROP_WAIT`] for the tree to empty and the child to be
-    /// reaped, remove the cgroup, unregister.
+    /// Tell the supervisor the instant by which the tree must be dead.
+    pub(super) fn set_deadline_impl(&self, d: Option<crate::hold::clock::BootInstant>) {
+        self.link.set_deadline(d);
+    }
+
+    /// Close the link and reap the supervisor; then the direct child, which in pgroup mode
+    /// the supervisor leaves unreaped (pinning its pgid) for conch, the subreaper, to reap.
+    fn finish_link(&mut self, tree_empty: bool) {
+        if self.link.finish(tree_empty) && link::reap(&self.pidfd) {
+            self.reaped.store(true, Ordering::Release);
+        }
+    }
+
+    /// `Drop`: kill, block up to [`DROP_WAIT`] for the tree to empty and the child's exit to
+    /// be reported, remove the cgroup, end the link, unregister.
     pub(super) fn drop_impl(&mut self) {
         if !self.finished {
             self.kill_impl();
             let deadline = Instant::now() + DROP_WAIT;
-            match &self.scope {
-                Scope::Cgroup(cg) => {
-                    let _ = cg.wait_empty_blocking(DROP_WAIT);
-                }
-                Scope::Pgroup { pgid } => {
-                    let pgid = *pgid;
-                    while self.pgroup_sweep(pgid) > 0 && Instant::now() < deadline {
-                        std::thread::sleep(PGROUP_POLL);
+            let empty = match &self.scope {
+                Scope::Cgroup(cg) => matches!(cg.wait_empty_blocking(DROP_WAIT), Ok(true)),
+                Scope::Pgroup => loop {
+                    let alive = self.pgroup_sweep();
+                    if alive == 0 || Instant::now() >= deadline {
+                        break alive == 0;
                     }
-                }
-            }
-            if self.try_reap().is_none() {
-                wait_readable(
-                    &self.pidfd,
-                    deadline.saturating_duration_since(Instant::now()),
-                );
-                self.try_reap();
+                    std::thread::sleep(PGROUP_POLL);
+                },
+            };
+            if self.poll_exit().is_none() {
+                self.link
+                    .wait_blocking(deadline.saturating_duration_since(Instant::now()));
+                self.poll_exit();
             }
             if let Scope::Cgroup(cg) = &self.scope
                 && let Err(e) = cg.remove_blocking()
             {
                 tracing::warn!(error = %e, "cgroup-remove-failed");
             }
+            self.finish_link(empty);
         }
         registry::unregister(self.id);
+    }
+}
+
+#[cfg(test)]
+impl Tree {
+    /// Make the supervisor see what conch's death looks like (see `Link::sever`).
+    pub(crate) fn sever_link(&mut self) {
+        self.link.sever();
+    }
+
+    pub(crate) fn supervisor_pid(&self) -> i32 {
+        self.link.pid()
     }
 }
 
@@ -340,25 +375,17 @@ fn signal_cgroup(cg: &Cgroup, signals: &[Signal]) {
     }
 }
 
-/// Block until the pidfd is readable (the child exited) or `timeout` passes.
-fn wait_readable(pidfd: &OwnedFd, timeout: Duration) {
-    let Ok(ts) = rustix::time::Timespec::try_from(timeout) else {
-        return;
-    };
-    let mut fds = [rustix::event::PollFd::new(
-        pidfd,
-        rustix::event::PollFlags::IN,
-    )];
-    let _ = rustix::event::poll(&mut fds, Some(&ts));
-}
-
-/// A child whose pidfd could not be opened: kill it and reap it by pid (its pid cannot be
-/// reused before that), then drop its cgroup.
-fn abandon(pid: i32, cgroup: Option<&Cgroup>) {
+/// A supervisor whose pidfd could not be opened: kill it and reap it by pid (its pid cannot
+/// be reused before that); its child's PDEATHSIG follows.
+fn abandon(pid: i32) {
     if let Some(p) = Pid::from_raw(pid) {
         let _ = rustix::process::kill_process(p, Signal::KILL);
         let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
     }
+}
+
+/// Kill whatever a failed spawn left in its cgroup and remove the cgroup.
+fn discard(cgroup: Option<&Cgroup>) {
     if let Some(cg) = cgroup {
         let _ = cg.kill();
         let _ = cg.wait_empty_blocking(DROP_WAIT);

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::ops::{Add, Sub};
+use std::task::Poll;
 use std::time::Duration;
 
 use rustix::fd::AsFd;
@@ -117,28 +118,37 @@ impl BootTimer {
 
     /// Resolve once the armed instant has passed; pends forever when disarmed.
     /// Cancel-safe: dropping the future loses nothing (the expiry stays readable).
+    ///
+    /// The clock is read on *every* poll, not only when the timerfd reports readiness: after
+    /// the process was stopped or starved, another branch of a `biased` `select!` may wake
+    /// the task before the reactor has seen the timerfd's event, and the deadline must still
+    /// win that poll.
     pub async fn wait(&mut self) {
         let Some(at) = self.armed else {
             return std::future::pending().await;
         };
-        loop {
-            if BootInstant::now() >= at {
-                return;
-            }
-            let mut guard = match self.fd.ready(Interest::READABLE).await {
-                Ok(g) => g,
-                // The reactor is gone: fall back to checking the clock on tokio's timer.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+        let fd = &self.fd;
+        std::future::poll_fn(|cx| {
+            loop {
+                if BootInstant::now() >= at {
+                    return Poll::Ready(true);
                 }
-            };
-            let mut buf = [0u8; 8];
-            match rustix::io::read(self.fd.as_fd(), &mut buf) {
-                Ok(_) => {}
-                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
-                Err(_) => guard.clear_ready(),
+                match fd.poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(mut guard)) => {
+                        let mut buf = [0u8; 8];
+                        if rustix::io::read(fd.as_fd(), &mut buf).is_err() {
+                            guard.clear_ready();
+                        }
+                    }
+                    // The reactor is gone: fall back to checking the clock on tokio's timer.
+                    Poll::Ready(Err(_)) => return Poll::Ready(false),
+                }
             }
+        })
+        .await;
+        while BootInstant::now() < at {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -183,5 +193,74 @@ mod tests {
         let mut t = BootTimer::new().unwrap();
         let r = tokio::time::timeout(Duration::from_millis(20), t.wait()).await;
         assert!(r.is_err());
+    }
+}
+
+#[cfg(test)]
+mod stopped {
+    use super::*;
+
+    /// Set in the process that [`stopped_process`] runs in.
+    const STOP_ME: &str = "CONCH_TEST_STOP_ME";
+
+    /// The timer is waiting in a `biased` `select!` when the process is SIGSTOPped past the
+    /// armed instant; on SIGCONT another branch (tokio's timer) wakes the task before the
+    /// reactor has seen the timerfd's event, and the deadline must still win that poll.
+    /// Stopping the whole test binary would stall every other test, so this re-runs the test
+    /// binary for `stopped_process` alone.
+    #[test]
+    fn the_deadline_wins_the_first_poll_after_a_stop() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "hold::clock::stopped::stopped_process",
+                "--ignored",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(STOP_ME, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "stops its own process: run by the_deadline_wins_the_first_poll_after_a_stop"]
+    async fn stopped_process() {
+        if std::env::var_os(STOP_ME).is_none() {
+            return;
+        }
+        let pid = std::process::id();
+        let mut stopper = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep 0.1; kill -STOP {pid}; sleep 0.5; kill -CONT {pid}"
+            ))
+            .spawn()
+            .unwrap();
+        let start = BootInstant::now();
+        let mut t = BootTimer::new().unwrap();
+        t.set(start + Duration::from_millis(300)).unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                biased;
+                _ = t.wait() => break,
+                _ = tick.tick() => assert!(
+                    BootInstant::now() - start < Duration::from_millis(300),
+                    "a later branch won over a passed deadline"
+                ),
+            }
+        }
+        stopper.wait().unwrap();
+        assert!(
+            BootInstant::now() - start >= Duration::from_millis(500),
+            "was stopped"
+        );
     }
 }

@@ -107,6 +107,8 @@ pub async fn supervise(
     }
     let why = loop {
         let st = lease.mark_seen();
+        // The supervisor kills the tree on its own at D if conch stops getting here.
+        tree.set_deadline(Some(st.deadline.at()));
         if let Some(loss) = st.lost {
             break Why::Lost(loss);
         }
@@ -136,6 +138,8 @@ pub async fn supervise(
     };
     let now = BootInstant::now();
     let d = lease.state().deadline;
+    // From here D no longer moves for this tree, and the supervisor holds it to the last D.
+    tree.set_deadline(Some(d.at()));
     // SIGKILL at min(now + G, D): the tree is dead by D whatever happens.
     let kill_at = (now + grace).min(d.at());
     match why {

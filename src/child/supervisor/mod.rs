@@ -1,0 +1,454 @@
+//! The supervisor: a tiny synchronous process between conch and the child, so the tree dies
+//! when conch dies or is stopped (holds.md §6).
+//!
+//! ```text
+//!   conch ──socketpair (SEQPACKET)── supervisor ──fork/exec── child ── grandchildren …
+//!   (tokio, etcd)                    (`conch __supervise`,     (in its own cgroup, or
+//!                                     own session, 1 thread)    leading its own group)
+//! ```
+//!
+//! conch starts `/proc/self/exe __supervise` (the running binary, even if its file has been
+//! replaced by an upgrade). `main.rs` hands over to [`run_if_requested`] before clap, logging
+//! or tokio exist, so the supervisor is a plain loop over `poll(2)` with a few small
+//! allocations at start. It:
+//!
+//! 1. calls `setsid()`: terminal job control (Ctrl-C, Ctrl-Z) aimed at conch's foreground
+//!    group never reaches it or the child. The child inherits this session, so it has **no
+//!    controlling terminal**; its stdin, stdout and stderr are still conch's.
+//! 2. forks the child with the same pre-exec containment conch used to apply (PDEATHSIG =
+//!    SIGKILL — sound here, the supervisor has one thread —, the parent re-check, `0` into
+//!    the cgroup's `cgroup.procs`, or `setpgid(0, 0)` in pgroup mode), default signal
+//!    dispositions and an empty signal mask;
+//! 3. sends conch the child's pid and a pidfd for it (`SCM_RIGHTS`), so conch signals the
+//!    child without ever racing a recycled pid; or the spawn errno;
+//! 4. loops: it reports the child's exit status (read with `WNOWAIT`), re-arms a
+//!    `CLOCK_BOOTTIME` timerfd whenever conch sends a new deadline D, and
+//!    - on end-of-file from conch (conch died: SIGKILL, OOM killer, abort) kills the tree at
+//!      once — `cgroup.kill`, or SIGKILL to the process group —, waits a bounded time for it
+//!      to go, and exits;
+//!    - when D passes with no newer deadline (conch is stopped or frozen), does the same;
+//!    - after `done` (conch saw the tree empty) exits quietly once the socket closes.
+//!
+//! The supervisor is conch's direct child and stays in conch's cgroup, so "the child's cgroup
+//! is empty" still means the real tree is gone. It never exits while conch is alive and the
+//! tree may live, except by killing the tree first. Its own signals keep their defaults: if
+//! someone kills it, the child's PDEATHSIG fires and conch, seeing end-of-file, kills the
+//! rest (fail closed).
+//!
+//! **Pgroup mode is weaker**: the supervisor can only SIGKILL the process group. A descendant
+//! that left the group is found only by conch's own subreaper sweep, which does not run once
+//! conch is dead or stopped. To keep the group id from being reused, the supervisor never
+//! reaps the child in this mode: the zombie pins pid and pgid, and when the supervisor exits
+//! it is re-parented to conch (the subreaper), which reaps it.
+
+pub(crate) mod proto;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+use rustix::time::{
+    ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
+};
+
+use super::sys;
+use proto::{Msg, Received};
+
+/// argv[1] that turns the conch binary into a supervisor.
+pub(crate) const SUBCOMMAND: &str = "__supervise";
+
+/// The program conch starts: the running binary itself, through the kernel's link, so an
+/// upgrade that replaced the file on disk cannot make conch start a different version.
+pub(crate) const SELF_EXE: &str = "/proc/self/exe";
+
+/// After killing the tree, how long the supervisor waits for it to be gone before exiting:
+/// SIGKILLed processes vanish in milliseconds; one stuck in uninterruptible sleep can take
+/// longer, and nothing more can be done for it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Exit codes of the supervisor (only conch reads them, for its log).
+const EXIT_DONE: u8 = 0;
+const EXIT_KILLED: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+
+/// If argv[1] is `__supervise`, run as the supervisor and return its exit code; otherwise
+/// `None` and the caller goes on as conch. Call first thing in `main`, before any thread,
+/// runtime or logging exists.
+pub fn run_if_requested() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != SUBCOMMAND {
+        return None;
+    }
+    Some(ExitCode::from(run(args.collect())))
+}
+
+/// The supervisor's arguments: `--fd N (--cgroup DIR | --pgroup) -- PROGRAM ARGV0 [ARGS…]`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Args {
+    pub fd: i32,
+    /// The child's cgroup directory; `None` in pgroup mode.
+    pub cgroup: Option<PathBuf>,
+    /// The resolved program to execute.
+    pub program: OsString,
+    /// The child's argv, argv[0] as the user wrote it.
+    pub argv: Vec<OsString>,
+}
+
+impl Args {
+    /// The arguments after `__supervise`, as conch writes them.
+    pub(crate) fn to_os_args(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = vec!["--fd".into(), self.fd.to_string().into()];
+        match &self.cgroup {
+            Some(dir) => out.extend(["--cgroup".into(), dir.clone().into_os_string()]),
+            None => out.push("--pgroup".into()),
+        }
+        out.push("--".into());
+        out.push(self.program.clone());
+        out.extend(self.argv.iter().cloned());
+        out
+    }
+
+    /// Parse what [`Args::to_os_args`] wrote; anything else is `None`.
+    pub(crate) fn parse(args: Vec<OsString>) -> Option<Args> {
+        let mut it = args.into_iter();
+        if it.next()? != "--fd" {
+            return None;
+        }
+        let fd = it.next()?.to_str()?.parse().ok()?;
+        let cgroup = match it.next()?.to_str()? {
+            "--cgroup" => Some(PathBuf::from(it.next()?)),
+            "--pgroup" => None,
+            _ => return None,
+        };
+        if it.next()? != "--" {
+            return None;
+        }
+        let program = it.next()?;
+        let argv: Vec<OsString> = it.collect();
+        if argv.is_empty() {
+            return None;
+        }
+        Some(Args {
+            fd,
+            cgroup,
+            program,
+            argv,
+        })
+    }
+}
+
+/// Run as the supervisor with the arguments after `__supervise`; returns the exit code.
+pub(crate) fn run(args: Vec<OsString>) -> u8 {
+    let Some(args) = Args::parse(args) else {
+        eprintln!("conch {SUBCOMMAND}: internal command started with bad arguments");
+        return EXIT_USAGE;
+    };
+    let Some(sock) = sys::adopt_socket(args.fd) else {
+        eprintln!("conch {SUBCOMMAND}: fd {} is not a socket", args.fd);
+        return EXIT_USAGE;
+    };
+    // Not inherited by the child: conch must see end-of-file when this process dies.
+    let _ = rustix::io::fcntl_setfd(&sock, rustix::io::FdFlags::CLOEXEC);
+    // Fails only for a group leader, which a freshly forked process is not.
+    let _ = rustix::process::setsid();
+    match Supervisor::start(sock, &args) {
+        Ok(sup) => sup.run(),
+        Err((sock, e)) => {
+            let errno = e
+                .raw_os_error()
+                .unwrap_or(rustix::io::Errno::INVAL.raw_os_error());
+            let _ = proto::send(sock.as_fd(), Msg::SpawnFailed { errno }, None);
+            EXIT_DONE
+        }
+    }
+}
+
+/// How the tree is killed.
+enum Scope {
+    /// Pre-opened `cgroup.kill` and `cgroup.events` of the child's cgroup.
+    Cgroup { kill: OwnedFd, events: OwnedFd },
+    /// The child leads process group `pgid` (= its pid).
+    Pgroup,
+}
+
+struct Supervisor {
+    sock: OwnedFd,
+    pid: i32,
+    pidfd: OwnedFd,
+    scope: Scope,
+    /// `CLOCK_BOOTTIME` timerfd, armed for D.
+    timer: OwnedFd,
+    /// D in ns since boot, once conch sent one.
+    deadline: Option<u64>,
+    /// The child's exit was sent to conch.
+    reported: bool,
+    /// conch said `done`.
+    done: bool,
+}
+
+impl Supervisor {
+    /// Open the cgroup files, fork the child, and tell conch its pid and pidfd. On failure
+    /// the socket comes back to report the error on.
+    fn start(sock: OwnedFd, args: &Args) -> Result<Supervisor, (OwnedFd, io::Error)> {
+        let prepared = (|| -> io::Result<_> {
+            let timer = rustix::time::timerfd_create(
+                TimerfdClockId::Boottime,
+                TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+            )?;
+            let (scope, procs) = match &args.cgroup {
+                Some(dir) => {
+                    let open = |name: &str, flags: OFlags| {
+                        rustix::fs::open(dir.join(name), flags | OFlags::CLOEXEC, Mode::empty())
+                    };
+                    let procs = open("cgroup.procs", OFlags::WRONLY)?;
+                    let kill = open("cgroup.kill", OFlags::WRONLY)?;
+                    let events = open("cgroup.events", OFlags::RDONLY)?;
+                    (Scope::Cgroup { kill, events }, Some(procs))
+                }
+                None => (Scope::Pgroup, None),
+            };
+            Ok((timer, scope, procs))
+        })();
+        let (timer, scope, procs) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Err((sock, e)),
+        };
+        let mut cmd = Command::new(&args.program);
+        cmd.arg0(&args.argv[0]).args(&args.argv[1..]);
+        if matches!(scope, Scope::Pgroup) {
+            cmd.process_group(0);
+        }
+        sys::contain_before_exec(&mut cmd, rustix::process::getpid(), procs);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => return Err((sock, e)),
+        };
+        drop(cmd); // closes the cgroup.procs fd
+        // std's `Child` is dropped without waiting: the pidfd owns the child's status.
+        let pid = child.id() as i32;
+        drop(child);
+        let pidfd = match Pid::from_raw(pid)
+            .map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()))
+        {
+            Some(Ok(fd)) => fd,
+            failed => {
+                // Unreaped, so the pid cannot have been reused: kill and reap it by pid.
+                if let Some(p) = Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(p, Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+                }
+                let e = match failed {
+                    Some(Err(e)) => e.into(),
+                    _ => io::Error::from_raw_os_error(rustix::io::Errno::SRCH.raw_os_error()),
+                };
+                return Err((sock, e));
+            }
+        };
+        let sup = Supervisor {
+            sock,
+            pid,
+            pidfd,
+            scope,
+            timer,
+            deadline: None,
+            reported: false,
+            done: false,
+        };
+        Ok(sup)
+    }
+
+    /// Tell conch about the child, then watch conch, the deadline and the child until one of
+    /// the endings in the module docs. Returns the exit code.
+    fn run(mut self) -> u8 {
+        if proto::send(
+            self.sock.as_fd(),
+            Msg::Spawned { pid: self.pid },
+            Some(self.pidfd.as_fd()),
+        )
+        .is_err()
+        {
+            return self.kill_tree("conch is gone");
+        }
+        loop {
+            if !self.done && self.deadline.is_some_and(|d| boot_ns() >= d) {
+                return self.kill_tree("the hold deadline passed while conch did not respond");
+            }
+            self.arm_timer();
+            let watch_child = !self.reported;
+            let mut fds = [
+                PollFd::new(&self.sock, PollFlags::IN),
+                PollFd::new(&self.timer, PollFlags::IN),
+                PollFd::new(&self.pidfd, PollFlags::IN),
+            ];
+            let n = if watch_child { 3 } else { 2 };
+            match rustix::event::poll(&mut fds[..n], None) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return self.kill_tree("cannot poll"),
+            }
+            let child_ready = watch_child && !fds[2].revents().is_empty();
+            let sock_ready = !fds[0].revents().is_empty();
+            if !fds[1].revents().is_empty() {
+                let mut ticks = [0u8; 8];
+                let _ = rustix::io::read(&self.timer, &mut ticks);
+            }
+            if child_ready {
+                self.report_exit();
+            }
+            if sock_ready && let Some(code) = self.read_conch() {
+                return code;
+            }
+        }
+    }
+
+    /// Read every pending message from conch; `Some(exit code)` when the supervisor is done.
+    fn read_conch(&mut self) -> Option<u8> {
+        loop {
+            match proto::recv(&self.sock, false) {
+                Ok(Received::Empty) => return None,
+                Ok(Received::Msg(Msg::Deadline { boot_ns }, _)) => self.deadline = boot_ns,
+                Ok(Received::Msg(Msg::Done, _)) => self.done = true,
+                Ok(Received::Closed) if self.done => return Some(self.finish_quietly()),
+                // End-of-file, a message conch never sends, or a broken socket: conch is gone.
+                Ok(Received::Closed | Received::Msg(..)) | Err(_) => {
+                    return Some(self.kill_tree("conch is gone"));
+                }
+            }
+        }
+    }
+
+    /// Arm the timerfd for D (absolute, `CLOCK_BOOTTIME`), or disarm it.
+    fn arm_timer(&self) {
+        let at = match self.deadline {
+            Some(ns) if !self.done => ns.max(1),
+            _ => 0,
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: (at / 1_000_000_000) as i64,
+                tv_nsec: (at % 1_000_000_000) as i64,
+            },
+        };
+        let _ = rustix::time::timerfd_settime(&self.timer, TimerfdTimerFlags::ABSTIME, &spec);
+    }
+
+    /// Send the child's exit to conch if it has exited; the child stays unreaped (`WNOWAIT`).
+    fn report_exit(&mut self) {
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        let msg = loop {
+            match rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), options) {
+                Ok(Some(status)) => match (status.exit_status(), status.terminating_signal()) {
+                    (Some(code), _) => break Msg::Exited { code },
+                    (None, Some(signal)) => break Msg::Signaled { signal },
+                    (None, None) => return,
+                },
+                Ok(None) => return,
+                Err(rustix::io::Errno::INTR) => continue,
+                // Cannot happen for our own unreaped child; report it as lost.
+                Err(_) => {
+                    break Msg::Exited {
+                        code: super::tree::STATUS_LOST,
+                    };
+                }
+            }
+        };
+        self.reported = true;
+        let _ = proto::send(self.sock.as_fd(), msg, None);
+    }
+
+    /// SIGKILL the whole tree, wait (bounded) for it to go, report the child's exit if conch
+    /// can still read it, and return the exit code.
+    fn kill_tree(&mut self, why: &str) -> u8 {
+        match &self.scope {
+            Scope::Cgroup { kill, .. } => {
+                let _ = rustix::io::write(kill, b"1");
+            }
+            Scope::Pgroup => {
+                // The unreaped child pins the group id: this cannot hit a recycled group.
+                if let Some(pg) = Pid::from_raw(self.pid) {
+                    let _ = rustix::process::kill_process_group(pg, Signal::KILL);
+                }
+            }
+        }
+        // The direct child too, in case it left its cgroup or group.
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, Signal::KILL);
+        let until = mono_now() + KILL_WAIT;
+        if !self.reported {
+            wait_fd(&self.pidfd, PollFlags::IN, until);
+            self.report_exit();
+        }
+        if let Scope::Cgroup { events, .. } = &self.scope {
+            while populated(events) && mono_now() < until {
+                wait_fd(events, PollFlags::PRI, until);
+            }
+        }
+        eprintln!(
+            "conch: {why}; the child tree was killed (supervisor {})",
+            std::process::id()
+        );
+        self.reap();
+        EXIT_KILLED
+    }
+
+    /// `done` and end-of-file: the tree is empty and conch finishes normally.
+    fn finish_quietly(&self) -> u8 {
+        self.reap();
+        EXIT_DONE
+    }
+
+    /// Reap the child before exiting, in cgroup mode only (see the module docs on pgroup).
+    fn reap(&self) {
+        if matches!(self.scope, Scope::Cgroup { .. }) {
+            let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+            let _ = rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), options);
+        }
+    }
+}
+
+/// `populated 1` in an open `cgroup.events` (re-read from the start, which re-arms POLLPRI).
+/// Unreadable counts as empty: the cgroup is gone.
+fn populated(events: &OwnedFd) -> bool {
+    let mut buf = [0u8; 128];
+    match rustix::io::pread(events, &mut buf, 0) {
+        Ok(n) => buf[..n]
+            .split(|b| *b == b'\n')
+            .any(|line| line == b"populated 1"),
+        Err(_) => false,
+    }
+}
+
+/// Block until `fd` reports `flags` or `until` (monotonic) passes.
+fn wait_fd(fd: &OwnedFd, flags: PollFlags, until: Duration) {
+    let left = until.saturating_sub(mono_now());
+    let Ok(ts) = Timespec::try_from(left) else {
+        return;
+    };
+    let mut fds = [PollFd::new(fd, flags)];
+    let _ = rustix::event::poll(&mut fds, Some(&ts));
+}
+
+/// `CLOCK_BOOTTIME` now, in ns: the clock conch's deadlines are on.
+fn boot_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(ClockId::Boottime);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `CLOCK_MONOTONIC` now, for the supervisor's own bounded waits.
+fn mono_now() -> Duration {
+    let ts = rustix::time::clock_gettime(ClockId::Monotonic);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests;
