@@ -225,19 +225,46 @@ async fn keep(
         let (idx, keeper, answers) = match stream.as_mut() {
             Some(s) => s,
             None => {
+                // Opening a keepalive stream is itself a renewal: etcd-client sends one
+                // keepalive and waits for its answer (and fails on TTL ≤ 0). Like any renewal
+                // attempt it gets at most P, so three attempts fit before the kill point.
                 let (idx, mut client) = etcd.client();
+                let sent = BootInstant::now();
                 let open = async move { client.lease_keep_alive(id.0).await };
-                let bound = etcd.request_timeout().min(d.remaining(BootInstant::now()));
-                match tokio::time::timeout(bound, open).await {
-                    Ok(Ok((k, s))) => stream.insert((idx, k, s)),
+                let bound = timing
+                    .period
+                    .min(etcd.request_timeout())
+                    .min(d.remaining(sent));
+                let opened = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    o = tokio::time::timeout(bound, open) => o,
+                };
+                match opened {
+                    Ok(Ok((k, s))) => {
+                        let received = BootInstant::now();
+                        let ttl = timing.ttl.as_secs() as i64;
+                        let mut outcome = Renewal::Extended;
+                        tx.send_modify(|st| outcome = st.deadline.renewed(sent, received, ttl));
+                        if outcome != Renewal::Extended {
+                            return;
+                        }
+                        stream = Some((idx, k, s));
+                        next = sent + timing.period;
+                        continue;
+                    }
+                    Ok(Err(e)) if crate::etcd::chain(&e).contains("lease not found") => {
+                        mark_lost(&tx, Loss::LeaseGone);
+                        return;
+                    }
                     other => {
-                        let why = match other {
-                            Ok(Err(e)) => crate::etcd::chain(&e),
-                            _ => "timed out".into(),
+                        let (why, pause) = match other {
+                            Ok(Err(e)) => (crate::etcd::chain(&e), REOPEN_PAUSE),
+                            // Timed out after a full attempt: try the next endpoint at once.
+                            _ => ("no answer within the renewal period".into(), Duration::ZERO),
                         };
                         tracing::warn!(lease = %id, endpoint = etcd.endpoint(idx), error = %why, "keepalive stream could not be opened");
                         etcd.rotate(idx);
-                        next = BootInstant::now() + REOPEN_PAUSE;
+                        next = BootInstant::now() + pause;
                         continue;
                     }
                 }

@@ -39,7 +39,10 @@ struct Opts {
 }
 
 fn parse() -> Result<Opts, String> {
-    let mut o = Opts { role: "child".into(), ..Opts::default() };
+    let mut o = Opts {
+        role: "child".into(),
+        ..Opts::default()
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -48,7 +51,9 @@ fn parse() -> Result<Opts, String> {
             "--run" => o.run = Some(humantime::parse_duration(&val()?).map_err(|e| e.to_string())?),
             "--exit" => o.exit = val()?.parse().map_err(|_| "bad --exit")?,
             "--ignore-term" => o.ignore_term = true,
-            "--grandchildren" => o.grandchildren = val()?.parse().map_err(|_| "bad --grandchildren")?,
+            "--grandchildren" => {
+                o.grandchildren = val()?.parse().map_err(|_| "bad --grandchildren")?
+            }
             "--setsid-grandchild" => o.setsid_grandchild = true,
             "--double-fork-grandchild" => o.double_fork_grandchild = true,
             "--stop-self" => o.stop_self = true,
@@ -75,8 +80,16 @@ fn record(journal: &str, role: &str, event: &str) {
     let rev = std::env::var("CONCH_REV").unwrap_or_else(|_| "-".into());
     let lease = std::env::var("CONCH_LEASE").unwrap_or_else(|_| "-".into());
     // One write() per record on an O_APPEND file: records never interleave.
-    let line = format!("{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}\n", now_ns());
-    let mut f = OpenOptions::new().create(true).append(true).mode(0o644).open(journal).expect("journal");
+    let line = format!(
+        "{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}\n",
+        now_ns()
+    );
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .open(journal)
+        .expect("journal");
     let _ = f.write_all(line.as_bytes());
 }
 
@@ -93,7 +106,11 @@ fn main() -> ExitCode {
         let mut args: Vec<String> = std::env::args().skip(1).collect();
         args.push("--term-ignored".into());
         let err = std::os::unix::process::CommandExt::exec(
-            Command::new("sh").arg("-c").arg("trap '' TERM; exec \"$0\" \"$@\"").arg(&me).args(&args),
+            Command::new("sh")
+                .arg("-c")
+                .arg("trap '' TERM; exec \"$0\" \"$@\"")
+                .arg(&me)
+                .args(&args),
         );
         eprintln!("conch-testchild: cannot re-exec: {err}");
         return ExitCode::from(2);
@@ -105,7 +122,11 @@ fn main() -> ExitCode {
         // The middle process: start the real grandchild and vanish, orphaning it.
         let _ = Command::new(&me)
             .args(["--journal", &o.journal, "--role", "orphan"])
-            .args(o.pidfile.iter().flat_map(|p| ["--pidfile".to_string(), format!("{p}.orphan")]))
+            .args(
+                o.pidfile
+                    .iter()
+                    .flat_map(|p| ["--pidfile".to_string(), format!("{p}.orphan")]),
+            )
             .spawn();
         return ExitCode::SUCCESS;
     }
@@ -139,7 +160,10 @@ fn main() -> ExitCode {
             spawn("double-fork", 0);
         }
         if o.stop_self {
-            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::STOP,
+            );
         }
     }
     let until = o.run.map(|d| std::time::Instant::now() + d);

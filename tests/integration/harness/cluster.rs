@@ -153,9 +153,11 @@ impl Cluster {
             .iter()
             .find_map(|s| s.pointer("/Status/leader").and_then(Value::as_u64))?;
         let endpoint = statuses.iter().find_map(|s| {
-            (s.pointer("/Status/header/member_id").and_then(Value::as_u64) == Some(leader_id))
-                .then(|| s["Endpoint"].as_str().map(str::to_string))
-                .flatten()
+            (s.pointer("/Status/header/member_id")
+                .and_then(Value::as_u64)
+                == Some(leader_id))
+            .then(|| s["Endpoint"].as_str().map(str::to_string))
+            .flatten()
         })?;
         self.members.iter().position(|m| m.client_url == endpoint)
     }

@@ -56,7 +56,11 @@ impl FaultProxy {
         });
         let s = Arc::clone(&shared);
         let accept = std::thread::spawn(move || accept_loop(listener, target, s));
-        FaultProxy { addr, shared, accept: Some(accept) }
+        FaultProxy {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -130,7 +134,11 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
             conns.push(server.try_clone().unwrap());
         }
         for (from, to, reply) in [
-            (client.try_clone().unwrap(), server.try_clone().unwrap(), false),
+            (
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                false,
+            ),
             (server, client, true),
         ] {
             let s = Arc::clone(&shared);
@@ -139,10 +147,13 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
+/// Bytes read but not yet delivered, and whether the sender has closed; with its signal.
+type Queue = (Mutex<(Vec<u8>, bool)>, Condvar);
+
 /// Copy `from` → `to`, applying the mode; `reply` is the etcd → conch direction.
 fn pump(mut from: TcpStream, to: TcpStream, reply: bool, shared: Arc<Shared>) {
     // A writer thread delivers what the reader queued, waiting while the direction is held.
-    let queue: Arc<(Mutex<(Vec<u8>, bool)>, Condvar)> = Arc::new((Mutex::new((Vec::new(), false)), Condvar::new()));
+    let queue: Arc<Queue> = Arc::new((Mutex::new((Vec::new(), false)), Condvar::new()));
     let q = Arc::clone(&queue);
     let s = Arc::clone(&shared);
     let writer = std::thread::spawn(move || {
@@ -165,7 +176,8 @@ fn pump(mut from: TcpStream, to: TcpStream, reply: bool, shared: Arc<Shared>) {
                 // Held back while this direction is faulted.
                 loop {
                     let mode = *s.mode.lock().unwrap();
-                    let held = matches!(mode, Mode::Blackhole) || (reply && mode == Mode::StallReplies);
+                    let held =
+                        matches!(mode, Mode::Blackhole) || (reply && mode == Mode::StallReplies);
                     if !held || s.stop.load(Ordering::SeqCst) {
                         if let Mode::Delay(d) = mode {
                             drop(g);
@@ -176,7 +188,10 @@ fn pump(mut from: TcpStream, to: TcpStream, reply: bool, shared: Arc<Shared>) {
                     }
                     drop(g);
                     let m = s.mode.lock().unwrap();
-                    let _ = s.changed.wait_timeout(m, Duration::from_millis(20)).unwrap();
+                    let _ = s
+                        .changed
+                        .wait_timeout(m, Duration::from_millis(20))
+                        .unwrap();
                     g = q.0.lock().unwrap();
                 }
                 std::mem::take(&mut g.0)
