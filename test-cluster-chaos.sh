@@ -114,66 +114,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------------
-# Prerequisites.
-[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, nft, cgroups)"
-need_pkgs=()
-command -v ip >/dev/null || need_pkgs+=(iproute2)
-command -v nft >/dev/null || command -v iptables >/dev/null || need_pkgs+=(nftables)
-for t in nsenter unshare setsid; do command -v $t >/dev/null || need_pkgs+=(util-linux); done
-command -v python3 >/dev/null || need_pkgs+=(python3)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing: ${need_pkgs[*]} (and no apt-get to install them)"
-    echo "installing ${need_pkgs[*]} with apt-get" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        $(printf '%s\n' "${need_pkgs[@]}" | sort -u) >&2
-fi
-if command -v nft >/dev/null; then FW=nft; else FW=iptables; fi
-
-ETCD_DIR="${ETCD_BIN_DIR:-$("$ROOT/scripts/fetch-etcd.sh")}"
-ETCD="$ETCD_DIR/etcd"
-ETCDCTL="$ETCD_DIR/etcdctl"
-[ -x "$ETCD" ] && [ -x "$ETCDCTL" ] || die "no etcd/etcdctl in $ETCD_DIR"
-
-WORK="$(mktemp -d /tmp/conch-chaos.XXXXXX)"
-chmod 755 "$WORK"
-LOGS="$WORK/logs"
-JOURNAL="$WORK/journal"
-RESULTS="$WORK/results.tsv"
-mkdir -p "$LOGS" "$WORK/etcd" "$WORK/bin"
-: >"$JOURNAL"
-export CHAOS_JOURNAL="$JOURNAL"
-: >"$RESULTS"
-
-if [ -n "${CONCH_BIN:-}" ]; then
-    src_bin="$CONCH_BIN"
-else
-    src_bin="$ROOT/target/debug/conch"
-    if command -v cargo >/dev/null; then
-        if ! (cd "$ROOT" && cargo build --quiet) >"$LOGS/cargo-build.log" 2>&1; then
-            [ -x "$src_bin" ] || { cat "$LOGS/cargo-build.log" >&2; die "cargo build failed"; }
-            echo "warning: cargo build failed; testing the existing $src_bin" >&2
-        fi
-    fi
-fi
-[ -x "$src_bin" ] || die "no conch binary at $src_bin (set CONCH_BIN or install cargo)"
-# A private copy: a rebuild during the run cannot swap the binary under the test.
-CONCH="$WORK/bin/conch"
-cp "$src_bin" "$CONCH"
-
-# conch's children get their own cgroup root, so cleanup never touches anybody else's.
-cg2=$(awk '$(NF-2) == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
-if [ -n "$cg2" ] && [ -w "$cg2" ]; then
-    CG_ROOT="$cg2/conch-chaos-$$.slice"
-    CG_FLAGS=(--cgroup-root "$CG_ROOT")
-else
-    CG_FLAGS=()
-fi
-
-# ---------------------------------------------------------------------------------------------
 # The workload conch runs: journals wall-clock µs, node, rev, kind, pid, lease. A setsid
 # grandchild that ignores SIGTERM beats too (only cgroup.kill / SIGKILL ends it).
-cat >"$WORK/child.sh" <<'EOF'
+write_helpers() { # write_helpers DIR: the test child and the Python helper
+cat >"$1/child.sh" <<'EOF'
 #!/usr/bin/env bash
 export LC_ALL=C
 j=${CHAOS_JOURNAL:?}
@@ -192,12 +136,11 @@ rec start
 setsid "$0" grand </dev/null >/dev/null 2>&1 &
 while :; do rec beat; sleep "$step" & wait $!; done
 EOF
-chmod +x "$WORK/child.sh"
+chmod +x "$1/child.sh"
 
 # Python helper: journal checker, holder lookup, tree/lease watcher, etcd leader parsing,
 # per-scenario verdicts.
-PY="$WORK/chaos.py"
-cat >"$PY" <<'EOF'
+cat >"$1/chaos.py" <<'EOF'
 import json, os, sys, time, urllib.request
 
 def now_us():
@@ -372,6 +315,17 @@ def cmd_leader(want):
     print("n" + ids[lead].split(":")[0].rsplit(".", 1)[1])
     return 0
 
+def cmd_ttl(endpoints, lease):
+    """Print the lease's remaining TTL (whole seconds, truncated) as the etcd leader sees it."""
+    for ep in endpoints.split(","):
+        try:
+            r = post(ep, "/v3/lease/timetolive", {"ID": str(int(lease, 16))}, 0.5)
+            print(int(r.get("TTL", 0)))
+            return 0
+        except Exception:
+            continue
+    return 1
+
 def cmd_member_hex(name):
     """Read `etcdctl member list -w json` on stdin; print member NAME's ID in hex."""
     for m in json.load(sys.stdin).get("members", []):
@@ -442,7 +396,8 @@ def cmd_verdict(a):
             fails.append(f"conch --who says rev {a['who_rev']}, the journal's running rev is {cur and cur['rev']}")
     if succ is not None and gone is not None:
         notes.append(f"successor start {(succ['first'] - gone)/1000:+.0f} ms vs lease seen gone")
-    outcome = ("hold lost, tree killed" if lost else "hold kept") if mode == "etcd" else \
+    where = f"leader {a.get('lead')}" + (" (holder's node)" if a.get("lead") == a["node"] else "")
+    outcome = (f"{where}: " + ("hold lost, tree killed" if lost else "hold kept")) if mode == "etcd" else \
               (f"{a['node']} cut off, rc {a.get('rc')}" if mode == "partition" else f"conch SIGKILLed, rc {a.get('rc')}")
     if succ:
         outcome += f"; rev {succ['rev']} ({min(succ['nodes'])}) took over"
@@ -494,6 +449,8 @@ if __name__ == "__main__":
         sys.exit(cmd_watch(*args))
     if c == "leader":
         sys.exit(cmd_leader(*args))
+    if c == "ttl":
+        sys.exit(cmd_ttl(*args))
     if c == "member-hex":
         sys.exit(cmd_member_hex(*args))
     if c == "verdict":
@@ -504,6 +461,84 @@ if __name__ == "__main__":
         sys.exit(cmd_table(*args))
     sys.exit(f"unknown command {c}")
 EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# `test-cluster-chaos.sh --check JOURNAL`: only run the checker on a journal (for example one
+# merged from the Vagrant VMs, see vagrant/README.md). Needs python3, nothing else.
+if [ "${1:-}" = --check ]; then
+    [ -r "${2:-}" ] || die "usage: $0 --check JOURNAL"
+    WORK="$(mktemp -d /tmp/conch-chaos-check.XXXXXX)"
+    write_helpers "$WORK"
+    : >"$WORK/results.tsv"
+    rc=0
+    python3 "$WORK/chaos.py" final "$2" "$WORK/results.tsv" || rc=1
+    python3 "$WORK/chaos.py" table "$WORK/results.tsv" >/dev/null || rc=1
+    rm -rf "$WORK"
+    WORK=""
+    [ "$rc" -eq 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
+    exit "$rc"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites.
+[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, nft, cgroups)"
+need_pkgs=()
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v nft >/dev/null || command -v iptables >/dev/null || need_pkgs+=(nftables)
+for t in nsenter unshare setsid; do command -v $t >/dev/null || need_pkgs+=(util-linux); done
+command -v python3 >/dev/null || need_pkgs+=(python3)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing: ${need_pkgs[*]} (and no apt-get to install them)"
+    echo "installing ${need_pkgs[*]} with apt-get" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $(printf '%s\n' "${need_pkgs[@]}" | sort -u) >&2
+fi
+if command -v nft >/dev/null; then FW=nft; else FW=iptables; fi
+
+ETCD_DIR="${ETCD_BIN_DIR:-$("$ROOT/scripts/fetch-etcd.sh")}"
+ETCD="$ETCD_DIR/etcd"
+ETCDCTL="$ETCD_DIR/etcdctl"
+[ -x "$ETCD" ] && [ -x "$ETCDCTL" ] || die "no etcd/etcdctl in $ETCD_DIR"
+
+WORK="$(mktemp -d /tmp/conch-chaos.XXXXXX)"
+chmod 755 "$WORK"
+LOGS="$WORK/logs"
+JOURNAL="$WORK/journal"
+RESULTS="$WORK/results.tsv"
+mkdir -p "$LOGS" "$WORK/etcd" "$WORK/bin"
+: >"$JOURNAL"
+export CHAOS_JOURNAL="$JOURNAL"
+: >"$RESULTS"
+write_helpers "$WORK"
+PY="$WORK/chaos.py"
+
+if [ -n "${CONCH_BIN:-}" ]; then
+    src_bin="$CONCH_BIN"
+else
+    src_bin="$ROOT/target/debug/conch"
+    if command -v cargo >/dev/null; then
+        if ! (cd "$ROOT" && cargo build --quiet) >"$LOGS/cargo-build.log" 2>&1; then
+            [ -x "$src_bin" ] || { cat "$LOGS/cargo-build.log" >&2; die "cargo build failed"; }
+            echo "warning: cargo build failed; testing the existing $src_bin" >&2
+        fi
+    fi
+fi
+[ -x "$src_bin" ] || die "no conch binary at $src_bin (set CONCH_BIN or install cargo)"
+# A private copy: a rebuild during the run cannot swap the binary under the test.
+CONCH="$WORK/bin/conch"
+cp "$src_bin" "$CONCH"
+
+# conch's children get their own cgroup root, so cleanup never touches anybody else's.
+cg2=$(awk '$(NF-2) == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+if [ -n "$cg2" ] && [ -w "$cg2" ]; then
+    CG_ROOT="$cg2/conch-chaos-$$.slice"
+    CG_FLAGS=(--cgroup-root "$CG_ROOT")
+else
+    CG_FLAGS=()
+fi
+
 
 # ---------------------------------------------------------------------------------------------
 # Namespace helpers. `inns NS cmd…` runs a command in NS's network namespace (nsenter keeps the
@@ -716,6 +751,24 @@ watch_stop() {
 verdict() { # verdict KEY=VALUE…
     py verdict journal="$JOURNAL" results="$RESULTS" "$@" || FAILED=1
 }
+lease_unextended() { # 2 s (election timeout + a renewal period + slack) since $1, and TTL < full
+    [ $(( $(now_us) - $1 )) -ge 2000000 ] || return 1
+    local t
+    t=$(inns "$CLI" python3 "$PY" ttl "$ALL_EPS" "${HOLDER[2]}") || return 1
+    [ "$t" -lt "$TTL" ]
+}
+leader_is() { [ "$(leader_is_one_of n1 n2 n3)" = "$1" ]; }
+# move_leader FROM TO: hand etcd leadership over, then wait until the lease extension that every
+# new leader grants (its election timeout) has worn off and a renewal set the expiry again.
+move_leader() {
+    local id moved
+    id=$(ctl member list -w json 2>/dev/null | py member-hex "$2") || return 1
+    moved=$(now_us)
+    inns "$CLI" "$ETCDCTL" --endpoints="${ADDR[$1]}:2379" --command-timeout=3s move-leader "$id" \
+        >/dev/null 2>&1 || return 1
+    poll 10000 leader_is "$2" || return 1
+    poll 10000 lease_unextended "$moved" || true
+}
 tree_gone() { local p; for p in "$@"; do ! alive "$p" || return 1; done; }
 other_nodes() { local n; for n in "${NODES[@]}"; do [ "$n" = "$1" ] || echo "$n"; done; }
 
@@ -728,20 +781,18 @@ scenario_partition() {
     rev=${HOLDER[0]} node=${HOLDER[1]}
     # Keep the etcd leader off the holder's node: a leader change would extend every lease by
     # a full TTL and make the race between the kill and the expiry easy to win.
-    local lead target id
+    local lead target
     lead=$(leader_is_one_of n1 n2 n3) || true
     if [ "$lead" = "$node" ]; then
         target=$(other_nodes "$node" | head -n1)
-        id=$(ctl member list -w json 2>/dev/null | py member-hex "$target") || true
-        if [ -n "$id" ] && inns "$CLI" "$ETCDCTL" --endpoints="${ADDR[$lead]}:2379" --command-timeout=3s \
-                move-leader "$id" >/dev/null 2>&1 && poll 10000 leader_is_one_of "$target" "$lead" >/dev/null \
-                && [ "$(leader_is_one_of n1 n2 n3)" = "$target" ]; then
+        if move_leader "$lead" "$target"; then
             log "($name) moved etcd leadership from $node to $target first"
+            lead=$target
         else
-            log "($name) could not move etcd leadership off $node: the lease gets reset by the election"
+            log "($name) could not move etcd leadership off $node: the election will extend the lease"
         fi
     fi
-    log "($name) partition: holder rev $rev on $node; dropping all $NET.0/24 traffic in $node both ways"
+    log "($name) partition: holder rev $rev on $node (etcd leader: ${lead:-?}); dropping all $NET.0/24 traffic in $node both ways"
     watch_start "$name" $((TTL * 3 + 5))
     fault=$(now_us)
     fw_partition "${NS[$node]}"
@@ -769,6 +820,16 @@ scenario_etcd_leader() {
     steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
     rev=${HOLDER[0]} node=${HOLDER[1]}
     lead=$(leader_is_one_of n1 n2 n3) || { echo "  FAIL: no etcd leader"; FAILED=1; return; }
+    # The hard case: the leader is the member the holder's conch talks to first (its own node).
+    if [ "$lead" != "$node" ]; then
+        if move_leader "$lead" "$node"; then
+            log "($name) moved etcd leadership from $lead to $node (the holder's own member) first"
+            lead=$node
+        else
+            log "($name) could not move etcd leadership to $node; faulting leader $lead instead"
+            lead=$(leader_is_one_of n1 n2 n3) || { echo "  FAIL: no etcd leader"; FAILED=1; return; }
+        fi
+    fi
     mapfile -t others < <(other_nodes "$lead")
     watch_start "$name" $((TTL * 3 + 10))
     fault=$(now_us)
@@ -806,28 +867,28 @@ scenario_etcd_leader() {
     steady 0 || true
     to=$(now_us)
     verdict name="$name etcd leader $how" mode=etcd rev="$rev" node="$node" fault_us="$fault" \
-        from_us="$from" to_us="$to" watch="$WORK/$name.watch.json" rc="$rc" who_rev="$(who_rev)"
+        from_us="$from" to_us="$to" watch="$WORK/$name.watch.json" rc="$rc" who_rev="$(who_rev)" lead="$lead"
 }
 
 # (d) the holder's conch is SIGKILLed: its tree must be gone within 1 s.
 scenario_sigkill() {
-    local name=$1 from rev node fault rc to survivors=0 p cg
+    local name=$1 from rev node fault rc to survivors=0 p cg tree
     from=$(now_us)
     steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
-    rev=${HOLDER[0]} node=${HOLDER[1]}
+    rev=${HOLDER[0]} node=${HOLDER[1]} tree="${HOLDER[3]} ${HOLDER[4]}"
     log "($name) SIGKILL to conch on $node (holder rev $rev, child ${HOLDER[3]}, setsid grandchild ${HOLDER[4]})"
     watch_start "$name" $((TTL * 3 + 5))
     fault=$(now_us)
     kill -KILL "${CAND_PID[$node]}"
     cand_exit "$node" 2000 2>/dev/null || true   # (no "Killed" job notice)
     rc=$RC
-    if ! poll $(( 1000 - ($(now_us) - fault) / 1000 )) tree_gone "${HOLDER[3]}" "${HOLDER[4]}"; then
+    if ! poll $(( 1000 - ($(now_us) - fault) / 1000 )) tree_gone $tree; then
         # still alive after 1 s: count, then let it run until a successor starts (to show the
         # consequence), then kill what is left so the rest of the run is not polluted.
-        for p in "${HOLDER[3]}" "${HOLDER[4]}"; do alive "$p" && survivors=$((survivors + 1)); done
+        for p in $tree; do alive "$p" && survivors=$((survivors + 1)); done
         log "($name) FAIL: $survivors process(es) of rev $rev still alive 1 s after conch's SIGKILL"
         steady "$rev" || true
-        for p in "${HOLDER[3]}" "${HOLDER[4]}"; do
+        for p in $tree; do
             alive "$p" || continue
             cg=$(sed -n 's/^0:://p' "/proc/$p/cgroup" 2>/dev/null || true)
             if [ -n "$cg" ] && [ -n "$cg2" ] && [ "$cg" != / ] && [ -w "$cg2$cg/cgroup.kill" ] \

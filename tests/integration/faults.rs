@@ -114,7 +114,7 @@ fn watch_lease_expiry(cluster: &Cluster, lease: &str, within: Duration) -> (f64,
 }
 
 /// Sample the lease's remaining TTL (seconds, `None` once gone) until conch exits: `(boot
-/// ms, remaining)` pairs.
+/// ms when the answer arrived, remaining)` pairs.
 fn sample_lease(
     cluster: &Cluster,
     lease: &str,

@@ -11,3 +11,4 @@ mod elect_child;
 mod elect_query;
 mod faults;
 mod harness_self;
+mod soak;
