@@ -31,6 +31,9 @@
 #   CHAOS_ROUNDS      how many times to run the partition scenario (default 1)
 #   CHAOS_SCENARIOS   which scenarios, e.g. "a d" (default "a b c d")
 #   CHAOS_KEEP=1      keep the work directory (logs, journal) even when everything passed
+#
+# `test-cluster-chaos.sh --check JOURNAL` runs only the checker on a journal (e.g. merged from
+# the Vagrant VMs); `--helpers DIR` writes the test child and the checker into DIR.
 set -euo pipefail
 export LC_ALL=C
 
@@ -466,6 +469,11 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # `test-cluster-chaos.sh --check JOURNAL`: only run the checker on a journal (for example one
 # merged from the Vagrant VMs, see vagrant/README.md). Needs python3, nothing else.
+if [ "${1:-}" = --helpers ]; then  # write child.sh and chaos.py into DIR (used by vagrant/)
+    [ -d "${2:-}" ] || die "usage: $0 --helpers DIR"
+    write_helpers "$2"
+    exit 0
+fi
 if [ "${1:-}" = --check ]; then
     [ -r "${2:-}" ] || die "usage: $0 --check JOURNAL"
     WORK="$(mktemp -d /tmp/conch-chaos-check.XXXXXX)"
@@ -479,6 +487,8 @@ if [ "${1:-}" = --check ]; then
     [ "$rc" -eq 0 ] && echo "RESULT: PASS" || echo "RESULT: FAIL"
     exit "$rc"
 fi
+
+[ $# -eq 0 ] || die "usage: $0 [--check JOURNAL | --helpers DIR] (settings via CHAOS_* variables, see the header)"
 
 # ---------------------------------------------------------------------------------------------
 # Prerequisites.

@@ -124,14 +124,13 @@ fn sample_lease(
     let mut samples = Vec::new();
     let until = std::time::Instant::now() + within;
     while conch.is_running() && std::time::Instant::now() < until {
+        let raw = cluster.ctl(["lease", "timetolive", lease]);
+        // Stamped when the answer is in: it shows etcd's state as of some moment before.
         let t = boot_ms();
-        let remaining = cluster
-            .ctl(["lease", "timetolive", lease])
-            .ok()
-            .and_then(|o| {
-                let r = o.split("remaining(").nth(1)?.split('s').next()?;
-                r.parse::<i64>().ok().filter(|r| *r > 0).map(|r| r as u64)
-            });
+        let remaining = raw.ok().and_then(|o| {
+            let r = o.split("remaining(").nth(1)?.split('s').next()?;
+            r.parse::<i64>().ok().filter(|r| *r > 0).map(|r| r as u64)
+        });
         samples.push((t, remaining));
     }
     samples
