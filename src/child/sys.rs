@@ -178,6 +178,46 @@ pub(crate) fn ignore_signal(sig: i32) {
     }
 }
 
+/// Drop this process's resident copies of file pages it never wrote (conch's own code and
+/// read-only data, libc's, the loader's). Used once by the supervisor after it started the
+/// child: its start-up touched code all over the binary (and the kernel maps 64 KiB around
+/// every fault), while its poll loop needs a few pages, which come back on demand.
+///
+/// Only private file mappings holding no anonymous (copied-on-write) page are dropped: every
+/// resident page there is a clean copy of the file, so nothing can be lost. The process is
+/// single-threaded here, so nothing writes between reading `smaps` and `madvise`.
+pub(crate) fn shed_clean_file_pages() {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let Some(first) = f.next() else { continue };
+        if let Some((lo, hi)) = first.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            // A mapping header: `lo-hi perms offset dev inode path`.
+            let perms = f.next().unwrap_or("");
+            let path = f.nth(3).unwrap_or("");
+            current = (perms.ends_with('p') && path.starts_with('/')).then_some((lo, hi));
+            continue;
+        }
+        if first == "Anonymous:"
+            && let Some((lo, hi)) = current.take()
+            && f.next() == Some("0")
+        {
+            // SAFETY: [lo, hi) is a whole private, file-backed mapping the kernel lists with
+            // no anonymous page: every resident page is an unmodified copy of the file, which
+            // MADV_DONTNEED discards and the next access reads back unchanged. No memory this
+            // process relies on changes.
+            let _ = unsafe {
+                rustix::mm::madvise(lo as *mut _, hi - lo, rustix::mm::Advice::LinuxDontNeed)
+            };
+        }
+    }
+}
+
 /// Test binaries start in libtest's `main`, which knows nothing of `__supervise`. This runs
 /// before it (an `.init_array` entry) and turns the test binary into a supervisor when started
 /// as one, as `main.rs` does for the real binary: `Tree::spawn` starts `/proc/self/exe`.

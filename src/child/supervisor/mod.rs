@@ -159,7 +159,11 @@ pub(crate) fn run(args: Vec<OsString>) -> u8 {
     // Fails only for a group leader, which a freshly forked process is not.
     let _ = rustix::process::setsid();
     match Supervisor::start(sock, &args) {
-        Ok(sup) => sup.run(),
+        Ok(sup) => {
+            // Start-up is over; keep only what the poll loop touches resident.
+            sys::shed_clean_file_pages();
+            sup.run()
+        }
         Err((sock, e)) => {
             let errno = e
                 .raw_os_error()
