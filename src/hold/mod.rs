@@ -105,15 +105,20 @@ pub async fn supervise(
         Stopped(i32),
         TimedOut,
     }
+    let unsafe_no_deadline = test_switch::no_deadline_kill();
     let why = loop {
         let st = lease.mark_seen();
         // The supervisor kills the tree on its own at D if conch stops getting here.
-        tree.set_deadline(Some(st.deadline.at()));
+        tree.set_deadline((!unsafe_no_deadline).then(|| st.deadline.at()));
         if let Some(loss) = st.lost {
             break Why::Lost(loss);
         }
         let now = BootInstant::now();
-        let term_at = st.deadline.term_at(grace);
+        let term_at = if unsafe_no_deadline {
+            now + Duration::from_secs(3600)
+        } else {
+            st.deadline.term_at(grace)
+        };
         if now >= term_at {
             break Why::Lost(Loss::Deadline);
         }
@@ -165,6 +170,28 @@ pub async fn supervise(
             let exit = kill_tree(tree, kill_at, signals, ctx).await;
             RunEnd::TimedOut(exit)
         }
+    }
+}
+
+/// A switch for the fault suite only: with it the deadline kill is off, so the suite can show
+/// that its checker catches the overlap that follows. It exists only in debug builds (the
+/// tests' binary); a release build cannot be talked out of its deadline.
+mod test_switch {
+    /// `CONCH_TEST_UNSAFE_NO_DEADLINE_KILL=1`, debug builds only.
+    #[cfg(debug_assertions)]
+    pub(super) fn no_deadline_kill() -> bool {
+        let on = std::env::var_os("CONCH_TEST_UNSAFE_NO_DEADLINE_KILL").is_some_and(|v| v == "1");
+        if on {
+            tracing::error!(
+                "TEST SWITCH: the deadline kill is disabled; this build is not safe to use"
+            );
+        }
+        on
+    }
+
+    #[cfg(not(debug_assertions))]
+    pub(super) fn no_deadline_kill() -> bool {
+        false
     }
 }
 

@@ -644,3 +644,41 @@ fn conch_sigstopped_loses_by_d_and_never_resumes_the_old_rev() {
         ms(next.first_ns) - stopped
     );
 }
+
+/// The checker is not a rubber stamp: with the deadline kill switched off (a debug-build-only
+/// test switch), a partitioned holder keeps running after its lease expired, a contender
+/// starts, and the checker must report the overlap.
+#[test]
+fn checker_catches_overlap_when_the_deadline_kill_is_disabled() {
+    let ctx = Ctx::new("fault-checker");
+    let cluster = Cluster::start(&ctx.dir, 3);
+    let j = journal::path_in(&ctx.dir);
+    let mut a = ctx
+        .elect("o")
+        .args(["--ttl", TTL, "--kill-after", GRACE, "--node", "a"])
+        .env("CONCH_ENDPOINTS", cluster.endpoints())
+        .env("CONCH_TEST_UNSAFE_NO_DEADLINE_KILL", "1")
+        .arg("--")
+        .arg(journal::testchild())
+        .args(["--journal", &j.to_string_lossy()])
+        .spawn();
+    running(&ctx, "a", &mut a);
+    let mut b = holder(&ctx, "o", "b", &cluster.direct_endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "o", 2);
+    for m in &cluster.members {
+        m.proxy.blackhole();
+    }
+    // The lease expires, b takes over, and a's tree (unkilled) keeps beating.
+    running(&ctx, "b", &mut b);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let iv = journal::intervals(&journal::read(&j));
+        iv.len() == 2 && iv[0].last_ns > iv[1].first_ns + 100_000_000
+    }));
+    let verdict = std::panic::catch_unwind(|| journal::check(&j, 1));
+    assert!(verdict.is_err(), "the checker missed a 100 ms overlap");
+    for r in [&mut a, &mut b] {
+        r.signal(Signal::KILL);
+        r.wait_timeout(Duration::from_secs(10));
+    }
+    println!("checker: overlap with the deadline kill disabled was caught");
+}
