@@ -12,6 +12,18 @@
 #   b  SIGKILL the etcd leader member
 #   c  isolate the etcd leader from its peers (peer port dropped, clients still reach it)
 #   d  SIGKILL the holder's conch: the whole tree must be gone within 1 s
+#   e  quorum loss and return, candidates in service mode (`--restart`): etcd on the two nodes
+#      other than the holder's SIGSTOPped for longer than the TTL, then SIGCONTed. The holder's
+#      tree must be dead before its lease could expire, nothing may run while quorum is gone,
+#      and the office must be held again (a higher rev) within CHAOS_QUORUM_BOUND of the return
+#      with every candidate still running
+#   f  the etcd leader's host dies (leadership moved onto the holder's host first): every
+#      process in that namespace (etcd member, conch, the child tree) SIGKILLed at once; another
+#      host must hold the office within TTL + 10 s; then the host's etcd member and candidate
+#      are started again and the cluster must be healthy with all three members
+#
+# Scenarios a-d run plain candidates (they assert conch's exit code 70 on a lost hold); e and f
+# run `--restart` candidates: the script switches (SIGTERM, then start again) when needed.
 #
 # and a checker: no two revs' intervals overlap, revs strictly increase in start order, every
 # record carries a rev. Exit 0 only if every scenario passed; 1 if one failed; 2 if the test
@@ -29,7 +41,10 @@
 #   CHAOS_TTL         lease TTL in seconds (default 4)
 #   CHAOS_KILL_AFTER  --kill-after in seconds (default 1)
 #   CHAOS_ROUNDS      how many times to run the partition scenario (default 1)
-#   CHAOS_SCENARIOS   which scenarios, e.g. "a d" (default "a b c d")
+#   CHAOS_SCENARIOS   which scenarios, e.g. "a d" (default "a b c d e f")
+#   CHAOS_OUTAGE      (e) seconds without quorum (default TTL + 3; must exceed the TTL)
+#   CHAOS_QUORUM_BOUND (e) seconds after quorum returns within which the office must be held
+#                     again (default 30)
 #   CHAOS_KEEP=1      keep the work directory (logs, journal) even when everything passed
 #
 # `test-cluster-chaos.sh --check JOURNAL` runs only the checker on a journal (e.g. merged from
@@ -41,7 +56,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TTL="${CHAOS_TTL:-4}"
 KILL_AFTER="${CHAOS_KILL_AFTER:-1}"
 ROUNDS="${CHAOS_ROUNDS:-1}"
-SCENARIOS="${CHAOS_SCENARIOS:-a b c d}"
+SCENARIOS="${CHAOS_SCENARIOS:-a b c d e f}"
+OUTAGE="${CHAOS_OUTAGE:-$((TTL + 3))}"
+QUORUM_BOUND="${CHAOS_QUORUM_BOUND:-30}"
 OFFICE=chaos
 NET=10.231.0
 NODES=(n1 n2 n3)
@@ -252,8 +269,9 @@ def cmd_holder(journal, fresh_ms, min_rev):
     print(i["rev"], min(i["nodes"]), min(i["leases"]), i["pid"], i["gpid"], i["first"])
     return 0
 
-def cmd_watch(pids, lease, endpoints, deadline_s, stop_file, out):
-    """Poll the tree (every 20 ms) and the lease as another client sees it (every 100 ms)."""
+def cmd_watch(pids, lease, endpoints, deadline_s, stop_file, out, ready_file=None):
+    """Poll the tree (every 20 ms) and the lease as another client sees it (every 100 ms).
+    READY_FILE (optional) is created after the first TTL reading."""
     pids = [int(p) for p in pids.split(",") if p]
     starts = {p: starttime(p) for p in pids}
     eps = endpoints.split(",")
@@ -284,6 +302,8 @@ def cmd_watch(pids, lease, endpoints, deadline_s, stop_file, out):
                     e = t0 + ttl * 1_000_000
                     res["e_lower_us"] = max(res["e_lower_us"] or 0, e)
                     res["last_alive_us"] = t0
+                    if ready_file and not os.path.exists(ready_file):
+                        open(ready_file, "w").close()
             except Exception:
                 res["errors"] += 1
                 k += 1
@@ -337,6 +357,12 @@ def cmd_member_hex(name):
             return 0
     return 1
 
+def cmd_maxrev(journal):
+    """The highest rev in the journal (0 if none)."""
+    recs, _ = read_journal(journal, live=True)
+    print(max((r["rev"] for r in recs if r["rev"]), default=0))
+    return 0
+
 def ms(us):
     return f"{us/1000:+.0f} ms" if us is not None else "-"
 
@@ -386,6 +412,53 @@ def cmd_verdict(a):
                          f"{'after the successor started' if succ else 'at the deadline'})")
         notes.append(f"tree gone {(dead - fault)/1000:.0f} ms after SIGKILL" if lost and dead - fault <= limit
                      else "tree survived conch")
+    if mode == "quorum":
+        # (e) two of three members stopped for longer than the TTL, --restart candidates
+        restored, bound = int(a["restored_us"]), int(a["bound_ms"]) * 1000
+        if not lost:
+            fails.append(f"tree of rev {rev} still alive {(restored - fault)/1e6:.1f} s into the quorum loss (TTL {a['ttl']} s)")
+        else:
+            if e_low is None:
+                fails.append("the watcher never read the holder's lease TTL: cannot place the kill against expiry")
+            elif dead >= e_low:
+                fails.append(f"tree of rev {rev} died {(dead - e_low)/1000:.0f} ms after its lease could have expired")
+            quiet = [r for r in recs if dead < r["ts"] < restored]
+            if quiet:
+                fails.append(f"{len(quiet)} journal record(s) of rev(s) {sorted({r['rev'] or 0 for r in quiet})} "
+                             f"while quorum was gone, after rev {rev}'s tree had died: somebody ran without quorum")
+        starts = [r for r in recs if fault <= r["ts"] < restored and r["kind"] in ("start", "gstart")]
+        if starts:
+            fails.append(f"rev(s) {sorted({r['rev'] or 0 for r in starts})} started while quorum was gone")
+        before = max((i["rev"] for i in iv.values() if i["first"] < restored), default=0)
+        if succ is None:
+            fails.append(f"the office was not held again within {bound/1e6:.0f} s of quorum's return")
+        else:
+            if succ["rev"] <= before:
+                fails.append(f"rev {succ['rev']} after the outage is not higher than rev {before} before it")
+            if succ["first"] - restored > bound:
+                fails.append(f"office held again only {(succ['first'] - restored)/1e6:.1f} s after quorum returned (bound {bound/1e6:.0f} s)")
+            if h is not None and succ["first"] <= h["last"]:
+                fails.append(f"successor rev {succ['rev']} started before rev {rev}'s last record")
+            notes.append(f"rev {succ['rev']} ({min(succ['nodes'])}) started {(succ['first'] - restored)/1e6:.1f} s after quorum returned")
+        if a.get("cands") != "3":
+            fails.append(f"{a.get('cands')} of 3 --restart candidates still running after the outage: service mode must outlive quorum loss")
+    if mode == "host":
+        # (f) every process of the etcd leader's host (= the holder's host) SIGKILLed at once
+        bound, victim = int(a["bound_ms"]) * 1000, a["victim"]
+        if not lost or dead - fault > 1_000_000:
+            fails.append(f"tree of rev {rev} not gone within 1 s of its host's death")
+        if succ is None:
+            fails.append(f"no successor rev > {rev} within {bound/1e6:.0f} s of the host's death")
+        else:
+            if min(succ["nodes"]) == victim:
+                fails.append(f"successor rev {succ['rev']} runs on the dead host {victim}")
+            if succ["first"] - fault > bound:
+                fails.append(f"office held again only {(succ['first'] - fault)/1e6:.1f} s after the host died (bound {bound/1e6:.0f} s)")
+            if h is not None and succ["first"] <= h["last"]:
+                fails.append(f"successor rev {succ['rev']} started before rev {rev}'s last record")
+            notes.append(f"rev {succ['rev']} ({min(succ['nodes'])}) started {(succ['first'] - fault)/1e6:.1f} s after the host died")
+        if a.get("healthy") != "ok":
+            fails.append(f"after restarting {victim}: {a.get('healthy')}")
     if mode in ("partition", "sigkill") or (mode == "etcd" and lost):
         if succ is None:
             fails.append(f"no successor rev > {rev} started after the fault")
@@ -400,10 +473,23 @@ def cmd_verdict(a):
     if succ is not None and gone is not None:
         notes.append(f"successor start {(succ['first'] - gone)/1000:+.0f} ms vs lease seen gone")
     where = f"leader {a.get('lead')}" + (" (holder's node)" if a.get("lead") == a["node"] else "")
-    outcome = (f"{where}: " + ("hold lost, tree killed" if lost else "hold kept")) if mode == "etcd" else \
-              (f"{a['node']} cut off, rc {a.get('rc')}" if mode == "partition" else f"conch SIGKILLed, rc {a.get('rc')}")
+    if mode == "etcd":
+        outcome = f"{where}: " + ("hold lost, tree killed" if lost else "hold kept")
+    elif mode == "partition":
+        outcome = f"{a['node']} cut off, rc {a.get('rc')}"
+    elif mode == "quorum":
+        outcome = f"etcd {a.get('stopped')} SIGSTOPped {(int(a['restored_us']) - fault)/1e6:.0f} s, " + \
+                  ("tree killed" if lost else "tree kept running")
+    elif mode == "host":
+        outcome = f"host {a['victim']} (etcd leader) SIGKILLed, {a.get('nkilled')} procs"
+    else:
+        outcome = f"conch SIGKILLed, rc {a.get('rc')}"
     if succ:
         outcome += f"; rev {succ['rev']} ({min(succ['nodes'])}) took over"
+        if mode == "quorum":
+            outcome += f" {(succ['first'] - int(a['restored_us']))/1e6:.1f} s after restore"
+        elif mode == "host":
+            outcome += f" after {(succ['first'] - fault)/1e6:.1f} s"
     ok = not fails
     print(f"  holder rev {rev} on {a['node']}; fault at {fault}")
     if lost:
@@ -456,6 +542,8 @@ if __name__ == "__main__":
         sys.exit(cmd_ttl(*args))
     if c == "member-hex":
         sys.exit(cmd_member_hex(*args))
+    if c == "maxrev":
+        sys.exit(cmd_maxrev(*args))
     if c == "verdict":
         sys.exit(cmd_verdict(dict(x.split("=", 1) for x in args)))
     if c == "final":
@@ -489,6 +577,10 @@ if [ "${1:-}" = --check ]; then
 fi
 
 [ $# -eq 0 ] || die "usage: $0 [--check JOURNAL | --helpers DIR] (settings via CHAOS_* variables, see the header)"
+for s in $SCENARIOS; do
+    case "$s" in a|b|c|d|e|f) ;; *) die "unknown scenario '$s' in CHAOS_SCENARIOS (a b c d e f)" ;; esac
+done
+[ "$OUTAGE" -gt "$TTL" ] || die "CHAOS_OUTAGE ($OUTAGE s) must exceed the TTL ($TTL s)"
 
 # ---------------------------------------------------------------------------------------------
 # Prerequisites.
@@ -656,10 +748,15 @@ eps_for() {
     for m in "${NODES[@]}"; do [ "$m" = "$n" ] || out+=",${ADDR[$m]}:2379"; done
     echo "$out"
 }
+# Candidates are plain (CAND_RESTART=0: conch exits after a lost hold, a-d check its exit code)
+# or in service mode (1: `--restart`, e and f); candidates_mode switches between them.
+CAND_RESTART=0
+case "${SCENARIOS%% *}" in e|f) CAND_RESTART=1 ;; esac
 start_candidate() {
-    local n=$1
+    local n=$1 mode=()
+    [ "$CAND_RESTART" = 1 ] && mode=(--restart)
     ( spawn "${NS[$n]}" "$n" "$CONCH" --node "$n" --endpoints "$(eps_for "$n")" \
-        "${CG_FLAGS[@]}" elect "$OFFICE" --ttl "${TTL}s" --kill-after "${KILL_AFTER}s" \
+        "${CG_FLAGS[@]}" elect "$OFFICE" "${mode[@]}" --ttl "${TTL}s" --kill-after "${KILL_AFTER}s" \
         -- "$WORK/child.sh" ) >>"$LOGS/conch-$n.log" 2>&1 &
     CAND_PID[$n]=$!
 }
@@ -698,6 +795,35 @@ who_rev() { # the rev conch itself reports as holder, or "-"
 # steady MIN_REV: wait until a child with rev > MIN_REV runs and conch --who agrees.
 settled() { holder_now "$1" && [ "$(who_rev)" = "${HOLDER[0]}" ]; }
 steady() { poll $(( (TTL + 10) * 1000 )) settled "$1"; }
+
+# candidates_mode 0|1: make every candidate plain (0) or `--restart` (1). Switching SIGTERMs
+# the running candidates (the holder's conch ends its tree and releases the office), waits for
+# them, then starts the new ones and waits for a holder.
+candidates_mode() {
+    [ "$CAND_RESTART" = "$1" ] && return 0
+    local n pids=() rc
+    log "switching the candidates to $([ "$1" = 1 ] && echo "service mode (--restart)" || echo "plain mode (no --restart)")"
+    for n in "${NODES[@]}"; do
+        if [ -n "${CAND_PID[$n]:-}" ] && alive "${CAND_PID[$n]}"; then
+            kill -TERM "${CAND_PID[$n]}"
+            pids+=("${CAND_PID[$n]}")
+        fi
+    done
+    if ! poll $(( (KILL_AFTER + 5) * 1000 )) tree_gone "${pids[@]}"; then
+        log "conch did not exit within $((KILL_AFTER + 5)) s of SIGTERM: SIGKILL"
+        kill -KILL "${pids[@]}" 2>/dev/null || true
+    fi
+    for n in "${NODES[@]}"; do
+        [ -n "${CAND_PID[$n]:-}" ] || continue
+        rc=0
+        { wait "${CAND_PID[$n]}"; } 2>/dev/null || rc=$?
+        [ "$rc" -eq 143 ] || [ "$rc" -eq 0 ] || log "conch on $n exited $rc after SIGTERM"
+        CAND_PID[$n]=""
+    done
+    CAND_RESTART=$1
+    ensure_candidates
+    steady 0
+}
 
 ensure_candidates
 steady 0 || die "no candidate acquired the office (logs in $LOGS)"
@@ -746,12 +872,13 @@ fw_heal() {
 }
 
 WATCH_PID=""
-watch_start() { # watch_start NAME: watch the current holder's tree and lease
-    rm -f "$WORK/$1.stop" "$WORK/$1.watch.json"
+watch_start() { # watch_start NAME DEADLINE_S: watch the current holder's tree and lease
+    rm -f "$WORK/$1.stop" "$WORK/$1.watch.json" "$WORK/$1.ready"
     ( exec nsenter --net="/run/netns/$CLI" -- python3 "$PY" watch "${HOLDER[3]},${HOLDER[4]}" "${HOLDER[2]}" \
-        "$ALL_EPS" "$2" "$WORK/$1.stop" "$WORK/$1.watch.json" ) >>"$LOGS/watch.log" 2>&1 &
+        "$ALL_EPS" "$2" "$WORK/$1.stop" "$WORK/$1.watch.json" "$WORK/$1.ready" ) >>"$LOGS/watch.log" 2>&1 &
     WATCH_PID=$!
 }
+watch_ready() { poll "$2" test -e "$WORK/$1.ready"; } # watch_ready NAME MS: the watcher has read the TTL
 watch_done() { poll "$1" eval '! alive '"$WATCH_PID"; }
 watch_stop() {
     touch "$WORK/$1.stop"
@@ -779,6 +906,9 @@ move_leader() {
     poll 10000 leader_is "$2" || return 1
     poll 10000 lease_unextended "$moved" || true
 }
+candidate_key_of() { # an election key of $OFFICE whose holder record names node $1
+    ctl get --prefix "/conch/v1/elect/$OFFICE/" --print-value-only 2>/dev/null | grep -q "\"node\":\"$1\""
+}
 tree_gone() { local p; for p in "$@"; do ! alive "$p" || return 1; done; }
 other_nodes() { local n; for n in "${NODES[@]}"; do [ "$n" = "$1" ] || echo "$n"; done; }
 
@@ -786,6 +916,7 @@ other_nodes() { local n; for n in "${NODES[@]}"; do [ "$n" = "$1" ] || echo "$n"
 # (a) the holder's node is cut off from every etcd member.
 scenario_partition() {
     local name=$1 from rev node fault rc to
+    candidates_mode 0 || true
     from=$(now_us)
     steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
     rev=${HOLDER[0]} node=${HOLDER[1]}
@@ -826,6 +957,7 @@ scenario_partition() {
 scenario_etcd_leader() {
     local name=$1 how=$2 from rev node fault rc=running lead to
     local -a others
+    candidates_mode 0 || true
     from=$(now_us)
     steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
     rev=${HOLDER[0]} node=${HOLDER[1]}
@@ -883,6 +1015,7 @@ scenario_etcd_leader() {
 # (d) the holder's conch is SIGKILLed: its tree must be gone within 1 s.
 scenario_sigkill() {
     local name=$1 from rev node fault rc to survivors=0 p cg tree
+    candidates_mode 0 || true
     from=$(now_us)
     steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
     rev=${HOLDER[0]} node=${HOLDER[1]} tree="${HOLDER[3]} ${HOLDER[4]}"
@@ -919,6 +1052,134 @@ scenario_sigkill() {
         limit_ms=1000 survivors="$survivors"
 }
 
+# (e) quorum lost and back: etcd on the two nodes other than the holder's is SIGSTOPped for
+# OUTAGE (> TTL) seconds, with every candidate in service mode. SIGSTOP rather than SIGKILL:
+# a frozen member keeps its connections open and answers nothing (the silence conch must time
+# out on, facts.md), b and f already cover crashed members, and SIGCONT brings the same members
+# back with their data and their place in the cluster at once. The holder's own member (its
+# first endpoint) stays up, but without quorum: it can neither renew nor answer linearizably.
+scenario_quorum() {
+    local name=$1 from rev node fault restored to n cands=0 maxrev held="" tree
+    local -a stopped
+    candidates_mode 1 || true
+    from=$(now_us)
+    steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
+    rev=${HOLDER[0]} node=${HOLDER[1]} tree="${HOLDER[3]} ${HOLDER[4]}"
+    mapfile -t stopped < <(other_nodes "$node")
+    watch_start "$name" $((OUTAGE + 10))
+    watch_ready "$name" 3000 || log "($name) the watcher has not read the holder's lease TTL yet"
+    log "($name) quorum loss: SIGSTOP to etcd on ${stopped[*]} for ${OUTAGE} s (TTL ${TTL}s); holder rev $rev on $node, its own member left without quorum"
+    fault=$(now_us)
+    for n in "${stopped[@]}"; do kill -STOP "${ETCD_PID[$n]}"; done
+    # shellcheck disable=SC2086
+    if poll $(( (TTL + 2) * 1000 )) tree_gone $tree; then
+        log "($name) tree of rev $rev dead $(( ($(now_us) - fault) / 1000 )) ms into the outage"
+    else
+        log "($name) tree of rev $rev still alive $((TTL + 2)) s into the outage"
+    fi
+    # The outage lasts OUTAGE seconds whatever happens (this is the fault, not a wait for an event).
+    while [ "$(now_us)" -lt $(( fault + OUTAGE * 1000000 )) ]; do sleep 0.1; done
+    # Stop the lease readings before quorum returns: the new leader extends every lease, and the
+    # expiry the holder had to beat is the one it could see before the outage.
+    watch_stop "$name"
+    maxrev=$(py maxrev "$JOURNAL")
+    restored=$(now_us)
+    for n in "${stopped[@]}"; do kill -CONT "${ETCD_PID[$n]}"; done
+    log "($name) SIGCONT to etcd on ${stopped[*]}: quorum back (highest rev so far: $maxrev)"
+    poll 20000 cluster_ok || log "($name) etcd cluster not healthy within 20 s of quorum's return"
+    if poll $(( QUORUM_BOUND * 1000 - ($(now_us) - restored) / 1000 )) settled "$maxrev"; then
+        held=${HOLDER[0]}
+        log "($name) office held again: rev $held on ${HOLDER[1]}, $(( (HOLDER[5] - restored) / 1000 )) ms after quorum returned"
+    else
+        log "($name) office not held again within ${QUORUM_BOUND} s of quorum's return"
+    fi
+    for n in "${NODES[@]}"; do
+        [ -n "${CAND_PID[$n]:-}" ] && alive "${CAND_PID[$n]}" && cands=$((cands + 1))
+    done
+    [ "$cands" -eq 3 ] || log "($name) only $cands of 3 --restart candidates still running"
+    ensure_candidates
+    to=$(now_us)
+    verdict name="$name quorum loss" mode=quorum rev="$rev" node="$node" fault_us="$fault" \
+        from_us="$from" to_us="$to" watch="$WORK/$name.watch.json" restored_us="$restored" \
+        bound_ms=$((QUORUM_BOUND * 1000)) ttl="$TTL" cands="$cands" stopped="${stopped[0]}+${stopped[1]}" \
+        who_rev="$(who_rev)"
+}
+
+# (f) the etcd leader's host dies: leadership is moved onto the holder's host first (the hard
+# case: the office and the etcd leader go at once), then every process in that namespace is
+# SIGKILLed at once, as a power cut would: its etcd member, its conch and conch's child tree.
+scenario_host() {
+    local name=$1 from rev node lead victim fault to n p pids nkilled=0 healthy=ok bound tree
+    local -a others
+    local -A killed=()
+    candidates_mode 1 || true
+    from=$(now_us)
+    steady 0 || { echo "  FAIL: office not held before the scenario"; FAILED=1; return; }
+    rev=${HOLDER[0]} node=${HOLDER[1]} tree="${HOLDER[3]} ${HOLDER[4]}"
+    lead=$(leader_is_one_of n1 n2 n3) || { echo "  FAIL: no etcd leader"; FAILED=1; return; }
+    if [ "$lead" != "$node" ]; then
+        if move_leader "$lead" "$node"; then
+            log "($name) moved etcd leadership from $lead to $node (the holder's host) first"
+            lead=$node
+        else
+            lead=$(leader_is_one_of n1 n2 n3) || { echo "  FAIL: no etcd leader"; FAILED=1; return; }
+            log "($name) could not move etcd leadership to $node; killing the leader's host $lead"
+        fi
+    fi
+    victim=$lead
+    mapfile -t others < <(other_nodes "$victim")
+    bound=$(( (TTL + 10) * 1000 ))
+    watch_start "$name" $(( TTL * 3 + 10 ))
+    watch_ready "$name" 3000 || log "($name) the watcher has not read the holder's lease TTL yet"
+    log "($name) host death: SIGKILL to every process in $victim's namespace (etcd leader; holder rev $rev on $node)"
+    fault=$(now_us)
+    # Kill until the namespace is empty: a process forked between listing and killing is
+    # caught by the next round.
+    while pids=$(ip netns pids "${NS[$victim]}") && [ -n "$pids" ]; do
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+        for p in $pids; do killed[$p]=1; done
+        nkilled=${#killed[@]}
+        [ "$(now_us)" -lt $(( fault + 2000000 )) ] || { log "($name) $victim's namespace not empty after 2 s: $pids"; break; }
+        sleep 0.02
+    done
+    { wait "${ETCD_PID[$victim]}"; } 2>/dev/null || true
+    { wait "${CAND_PID[$victim]}"; } 2>/dev/null || true
+    CAND_PID[$victim]="" ETCD_PID[$victim]=""
+    # shellcheck disable=SC2086
+    tree_gone $tree || log "($name) the tree of rev $rev survived its host's death"
+    log "($name) $victim is dead: $nkilled SIGKILLs, namespace empty"
+    if poll 15000 leader_is_one_of "${others[@]}" >/dev/null; then
+        log "($name) new etcd leader: $(leader_is_one_of "${others[@]}")"
+    else
+        log "($name) no new etcd leader among ${others[*]} within 15 s"
+    fi
+    if poll $(( bound - ($(now_us) - fault) / 1000 )) eval 'settled "$rev" && [ "${HOLDER[1]}" != "$victim" ]'; then
+        log "($name) office held again: rev ${HOLDER[0]} on ${HOLDER[1]}, $(( (HOLDER[5] - fault) / 1000 )) ms after the host died"
+    else
+        log "($name) office not held by another host within $((bound / 1000)) s"
+    fi
+    watch_done 3000 || true
+    watch_stop "$name"
+    log "($name) $victim comes back: its etcd member (same data dir), then its candidate"
+    start_member "$victim"
+    poll 20000 cluster_ok || healthy="etcd cluster not healthy (3 members agreeing on a leader) within 20 s"
+    ensure_candidates
+    if [ "$healthy" = ok ]; then
+        # the returning candidate campaigns again: its key shows up in the office
+        poll 10000 candidate_key_of "$victim" || healthy="no campaign key from $victim's candidate within 10 s"
+        steady 0 || healthy="office not held after $victim came back"
+        for n in "${NODES[@]}"; do
+            alive "${CAND_PID[$n]}" || healthy="conch candidate on $n exited"
+        done
+    fi
+    log "($name) cluster after $victim's return: $healthy, leader $(leader_is_one_of n1 n2 n3 || echo '?')"
+    to=$(now_us)
+    verdict name="$name leader host killed" mode=host rev="$rev" node="$node" fault_us="$fault" \
+        from_us="$from" to_us="$to" watch="$WORK/$name.watch.json" victim="$victim" \
+        nkilled="$nkilled" bound_ms="$bound" healthy="$healthy" who_rev="$(who_rev)"
+}
+
 for s in $SCENARIOS; do
     case "$s" in
         a) for ((r = 1; r <= ROUNDS; r++)); do
@@ -927,7 +1188,9 @@ for s in $SCENARIOS; do
         b) scenario_etcd_leader b kill ;;
         c) scenario_etcd_leader c isolate ;;
         d) scenario_sigkill d ;;
-        *) die "unknown scenario $s (a b c d)" ;;
+        e) scenario_quorum e ;;
+        f) scenario_host f ;;
+        *) die "unknown scenario $s (a b c d e f)" ;;
     esac
 done
 

@@ -140,9 +140,23 @@ fn sample_lease(
 /// D while the lease is still alive on etcd; a contender starts only after expiry.
 #[test]
 fn partition_kills_before_the_lease_expires() {
-    let ctx = Ctx::new("fault-partition");
+    partition_trial("fault-partition", &[]);
+}
+
+/// The same with a child and grandchild that ignore SIGTERM: SIGKILL at D, still before the
+/// lease expires.
+#[test]
+fn partition_kills_a_term_ignoring_tree_by_d() {
+    partition_trial(
+        "fault-partition-stubborn",
+        &["--ignore-term", "--grandchildren", "1"],
+    );
+}
+
+fn partition_trial(name: &str, child_args: &[&str]) {
+    let ctx = Ctx::new(name);
     let cluster = Cluster::start(&ctx.dir, 3);
-    let mut a = holder(&ctx, "p", "a", &cluster.endpoints(), &[], &[]);
+    let mut a = holder(&ctx, "p", "a", &cluster.endpoints(), &[], child_args);
     let held = running(&ctx, "a", &mut a);
     let mut b = holder(&ctx, "p", "b", &cluster.direct_endpoints(), &[], &[]);
     wait_candidates(&ctx, &cluster, "p", 2);
@@ -194,7 +208,7 @@ fn partition_kills_before_the_lease_expires() {
     b.signal(Signal::TERM);
     b.wait_timeout(Duration::from_secs(10));
     println!(
-        "partition: SIGTERM at D−G{:+.1} ms, tree empty at D{:+.1} ms, lease gone {:.0}–{:.0} ms after D, \
+        "{name}: SIGTERM at D−G{:+.1} ms, tree empty at D{:+.1} ms, lease gone {:.0}–{:.0} ms after D, \
          successor started {:.0} ms after D, overlap {:.1} ms",
         term - (d - GRACE_MS),
         empty - d,
