@@ -437,68 +437,65 @@ fn member_cut_off_fails_over_and_the_hold_survives() {
 /// the tree is dead by D; never an overlap with the waiting contender.
 #[test]
 fn etcd_leader_killed_never_overlaps() {
-    let ctx = Ctx::new("fault-leader-kill");
-    let mut cluster = Cluster::start(&ctx.dir, 3);
-    let mut a = holder(&ctx, "l", "a", &cluster.endpoints(), &[], &[]);
-    running(&ctx, "a", &mut a);
-    let mut b = holder(&ctx, "l", "b", &cluster.endpoints(), &[], &[]);
-    wait_candidates(&ctx, &cluster, "l", 2);
-    let leader = cluster.wait_leader(Duration::from_secs(10));
-    cluster.kill(leader);
-    let new_leader = cluster.wait_leader(Duration::from_secs(15));
-    assert_ne!(leader, new_leader);
-    // Let two TTLs pass on the reduced cluster, then bring the member back.
-    std::thread::sleep(Duration::from_secs(8));
-    cluster.restart(leader);
-    cluster.wait_leader(Duration::from_secs(15));
-    let survived = a.is_running();
-    let v = journal::check(&journal::path_in(&ctx.dir), 1);
-    for r in [&mut a, &mut b] {
-        r.signal(Signal::TERM);
-        r.wait_timeout(Duration::from_secs(15));
-    }
-    println!(
-        "leader killed: hold {}; overlap {:.1} ms",
-        if survived {
-            "survived"
-        } else {
-            "lost and handed over"
-        },
-        v.max_overlap_ms
-    );
+    leader_fault("fault-leader-kill", "leader killed", |cluster, leader| {
+        cluster.kill(leader);
+        let new_leader = cluster.wait_leader(Duration::from_secs(15));
+        assert_ne!(leader, new_leader);
+        // Two TTLs on the reduced cluster, then the member comes back.
+        std::thread::sleep(Duration::from_secs(8));
+        cluster.restart(leader);
+    });
 }
 
 /// The etcd leader freezes (SIGSTOP) longer than an election, then wakes up believing it
 /// leads — the "stuck old leader". Never an overlap.
 #[test]
 fn frozen_etcd_leader_never_overlaps() {
-    let ctx = Ctx::new("fault-leader-freeze");
-    let cluster = Cluster::start(&ctx.dir, 3);
-    let mut a = holder(&ctx, "z", "a", &cluster.endpoints(), &[], &[]);
+    leader_fault(
+        "fault-leader-freeze",
+        "leader frozen 6 s",
+        |cluster, leader| {
+            cluster.stop(leader);
+            std::thread::sleep(Duration::from_secs(6));
+            cluster.cont(leader);
+        },
+    );
+}
+
+/// A holder and a waiting contender; `fault` does something to the etcd leader. Then: the
+/// hold survived, or conch lost it and its tree was dead by D; the journal shows no overlap.
+fn leader_fault(name: &str, label: &str, fault: impl FnOnce(&mut Cluster, usize)) {
+    let ctx = Ctx::new(name);
+    let mut cluster = Cluster::start(&ctx.dir, 3);
+    let mut a = holder(&ctx, "l", "a", &cluster.endpoints(), &[], &[]);
     running(&ctx, "a", &mut a);
-    let mut b = holder(&ctx, "z", "b", &cluster.endpoints(), &[], &[]);
-    wait_candidates(&ctx, &cluster, "z", 2);
+    let mut b = holder(&ctx, "l", "b", &cluster.endpoints(), &[], &[]);
+    wait_candidates(&ctx, &cluster, "l", 2);
     let leader = cluster.wait_leader(Duration::from_secs(10));
-    cluster.stop(leader);
-    std::thread::sleep(Duration::from_secs(6));
-    cluster.cont(leader);
+    fault(&mut cluster, leader);
     cluster.wait_leader(Duration::from_secs(15));
+    // Give a lost hold time to show in the journal (a successor) before judging.
     std::thread::sleep(Duration::from_secs(4));
     let survived = a.is_running();
+    if !survived {
+        let out = a.wait_timeout(Duration::from_secs(5));
+        out.expect_code(70);
+        let evs = events(&out.stderr);
+        let d = num(event(&evs, "lost").expect("lost"), "deadline_boot_ms");
+        let empty = num(event(&evs, "tree-empty").expect("tree-empty"), "boot_ms");
+        assert!(empty <= d, "tree empty {:.1} ms after D", empty - d);
+    }
     let v = journal::check(&journal::path_in(&ctx.dir), 1);
     for r in [&mut a, &mut b] {
         r.signal(Signal::TERM);
         r.wait_timeout(Duration::from_secs(15));
     }
-    println!(
-        "leader frozen 6 s: hold {}; overlap {:.1} ms",
-        if survived {
-            "survived"
-        } else {
-            "lost and handed over"
-        },
-        v.max_overlap_ms
-    );
+    let how = if survived {
+        "survived"
+    } else {
+        "lost (tree dead by D) and handed over"
+    };
+    println!("{label}: hold {how}; overlap {:.1} ms", v.max_overlap_ms);
 }
 
 /// The whole cluster is down longer than the TTL, then back: the tree is dead by D; with
