@@ -123,6 +123,56 @@ impl Prefix {
     }
 }
 
+/// The `<max>` segment of a semaphore's keys: `5`, or `5-spread` with `--spread`, so that
+/// participants disagreeing on either live under different segments and one transaction can
+/// refuse them.
+pub fn sema_segment(max: u32, spread: bool) -> String {
+    if spread {
+        format!("{max}-spread")
+    } else {
+        max.to_string()
+    }
+}
+
+/// Parse a `<max>` segment back: `(max, spread)`.
+pub fn parse_sema_segment(seg: &str) -> Option<(u32, bool)> {
+    let (num, spread) = match seg.strip_suffix("-spread") {
+        Some(n) => (n, true),
+        None => (seg, false),
+    };
+    let max: u32 = num.parse().ok()?;
+    (max >= 1 && num == max.to_string()).then_some((max, spread))
+}
+
+impl Prefix {
+    /// `<prefix>/v1/sema/<name>/`: every participant of one semaphore, whatever its max.
+    pub fn sema_dir(&self, name: &Name) -> String {
+        format!("{}/v1/sema/{}/", self.0, name)
+    }
+
+    /// `<prefix>/v1/sema/<name>/<max>/`: the queue of one max.
+    pub fn sema_queue(&self, name: &Name, max: u32, spread: bool) -> String {
+        format!("{}{}/", self.sema_dir(name), sema_segment(max, spread))
+    }
+
+    /// `<prefix>/v1/sema/<name>/<max>/<lease-hex>`: one participant's key.
+    pub fn sema_key(&self, name: &Name, max: u32, spread: bool, lease: LeaseId) -> String {
+        format!("{}{}", self.sema_queue(name, max, spread), lease)
+    }
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// What a holder's key says about it. One-line JSON, fields in this order (public API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderRecord {
@@ -248,6 +298,24 @@ mod tests {
         );
         assert_eq!(LeaseId(1).to_string(), "0000000000000001");
         assert!(Prefix::parse("").is_err());
+    }
+
+    #[test]
+    fn sema_keys_and_segments() {
+        let p = Prefix::parse("/conch").unwrap();
+        let n = Name::parse("jobs").unwrap();
+        assert_eq!(p.sema_dir(&n), "/conch/v1/sema/jobs/");
+        assert_eq!(p.sema_queue(&n, 3, false), "/conch/v1/sema/jobs/3/");
+        assert_eq!(
+            p.sema_key(&n, 5, true, LeaseId(1)),
+            "/conch/v1/sema/jobs/5-spread/0000000000000001"
+        );
+        assert_eq!(parse_sema_segment("3"), Some((3, false)));
+        assert_eq!(parse_sema_segment("5-spread"), Some((5, true)));
+        for bad in ["0", "03", "x", "-spread", "3-spreadx", ""] {
+            assert_eq!(parse_sema_segment(bad), None, "{bad}");
+        }
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{GlobalArgs, args, exit, report, usage};
 use crate::hold::deadline::Timing;
 use crate::keys::Name;
-use crate::recipes::elect::{self, ElectConfig, NotAcquired, Outcome};
+use crate::recipes::elect::{self, ElectConfig};
 use crate::recipes::query;
 
 /// conch elect <office> [flags] -- <cmd...>
@@ -145,7 +145,9 @@ pub async fn run(g: &GlobalArgs, a: ElectArgs) -> u8 {
         cmd: a.cmd.clone(),
     };
     match elect::run(&etcd, &cfg, &containment, &mut signals).await {
-        Ok(outcome) => exit_code(&cfg.office, outcome),
+        Ok(outcome) => {
+            exit::of_outcome(cfg.office.as_str(), "is held by another candidate", outcome)
+        }
         Err(e) => {
             report(&e);
             match e {
@@ -153,55 +155,6 @@ pub async fn run(g: &GlobalArgs, a: ElectArgs) -> u8 {
                 _ => exit::UNAVAILABLE,
             }
         }
-    }
-}
-
-/// The one table from outcome to exit code (no catch-all arm).
-fn exit_code(office: &Name, outcome: Outcome) -> u8 {
-    match outcome {
-        Outcome::Exited(e) => {
-            let code = exit::of_child(e);
-            if matches!(
-                code,
-                exit::USAGE | exit::UNAVAILABLE | exit::LOST | exit::NOT_ACQUIRED
-            ) {
-                tracing::info!(name = %office, code, "the child itself exited with this code");
-            }
-            code
-        }
-        Outcome::SpawnFailed(e) => {
-            eprintln!("conch: {e}");
-            match e {
-                crate::child::SpawnError::NotFound(_) => exit::NOT_FOUND,
-                crate::child::SpawnError::NotExecutable(_) => exit::NOT_EXECUTABLE,
-                crate::child::SpawnError::Other { .. } => exit::NOT_EXECUTABLE,
-            }
-        }
-        Outcome::Lost(loss) => {
-            eprintln!("conch: hold on {office} lost ({loss}); the child tree was killed");
-            exit::LOST
-        }
-        Outcome::NotAcquired(n) => {
-            match n {
-                NotAcquired::Held => eprintln!("conch: {office} is held by another candidate"),
-                NotAcquired::WaitExpired => {
-                    eprintln!("conch: gave up waiting for {office} (--wait)")
-                }
-                NotAcquired::HookFailed(why) => eprintln!("conch: {office} not acquired: {why}"),
-            }
-            exit::NOT_ACQUIRED
-        }
-        Outcome::Stopped {
-            signal,
-            child: Some(e),
-        } => {
-            let _ = signal;
-            exit::of_child(e)
-        }
-        Outcome::Stopped {
-            signal,
-            child: None,
-        } => (128 + signal).min(255) as u8,
     }
 }
 

@@ -25,6 +25,47 @@ pub fn of_child(exit: crate::child::Exit) -> u8 {
     }
 }
 
+/// The one table from a run's outcome to conch's exit code (no catch-all arm), saying on
+/// stderr why when it was not the child's own code. `held` completes "`<name>` …" for
+/// `--nonblock` on a full office or semaphore.
+pub fn of_outcome(name: &str, held: &str, outcome: crate::recipes::Outcome) -> u8 {
+    use crate::child::SpawnError;
+    use crate::recipes::{NotAcquired, Outcome};
+    match outcome {
+        Outcome::Exited(e) => {
+            let code = of_child(e);
+            if matches!(code, USAGE | UNAVAILABLE | LOST | NOT_ACQUIRED) {
+                tracing::info!(name, code, "the child itself exited with this code");
+            }
+            code
+        }
+        Outcome::SpawnFailed(e) => {
+            eprintln!("conch: {e}");
+            match e {
+                SpawnError::NotFound(_) => NOT_FOUND,
+                SpawnError::NotExecutable(_) | SpawnError::Other { .. } => NOT_EXECUTABLE,
+            }
+        }
+        Outcome::Lost(loss) => {
+            eprintln!("conch: hold on {name} lost ({loss}); the child tree was killed");
+            LOST
+        }
+        Outcome::NotAcquired(n) => {
+            match n {
+                NotAcquired::Held => eprintln!("conch: {name} {held}"),
+                NotAcquired::WaitExpired => eprintln!("conch: gave up waiting for {name} (--wait)"),
+                NotAcquired::HookFailed(why) => eprintln!("conch: {name} not acquired: {why}"),
+            }
+            NOT_ACQUIRED
+        }
+        Outcome::Stopped { child: Some(e), .. } => of_child(e),
+        Outcome::Stopped {
+            signal,
+            child: None,
+        } => (128 + signal).min(255) as u8,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

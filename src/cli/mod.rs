@@ -11,6 +11,7 @@ mod dev;
 mod elect;
 pub mod exit;
 mod global;
+mod sema;
 mod version;
 
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ pub struct Cli {
 enum Command {
     /// Run a command only while this process holds a leader office.
     Elect(elect::ElectArgs),
+    /// Run a command only while holding one of N cluster-wide slots.
+    Sema(sema::SemaArgs),
     /// Start a throw-away single-node etcd for trying conch on one machine (never production).
     Dev(dev::DevArgs),
     /// Print the version, the commit, and the containment mode conch would use here.
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> u8 {
     match cli.command {
         Command::Elect(a) => elect::run(&cli.global, a).await,
+        Command::Sema(a) => sema::run(&cli.global, a).await,
         Command::Dev(a) => dev::run(&cli.global, a).await,
         Command::Version => version::run(&cli.global),
         Command::Completion { shell } => {

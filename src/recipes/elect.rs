@@ -13,6 +13,7 @@ use etcd_client::{
 };
 
 use super::backoff::Backoff;
+use super::{NotAcquired, Outcome, child_env, leaf, verify_own_key};
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
 use crate::etcd::{CallError, Etcd};
 use crate::hold::clock::{BootInstant, BootTimer};
@@ -38,28 +39,6 @@ pub struct ElectConfig {
     pub on_lose: Option<String>,
     pub hook_timeout: Duration,
     pub cmd: Vec<OsString>,
-}
-
-/// How `conch elect` ended: expected endings are values; the CLI maps them to exit codes.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The child ran under the hold and exited like this.
-    Exited(Exit),
-    /// The child could not be started (126/127).
-    SpawnFailed(SpawnError),
-    /// The hold was lost while the child ran; the tree was killed.
-    Lost(Loss),
-    /// Not acquired: `--nonblock`, `--wait` expired, or `--on-acquire` failed.
-    NotAcquired(NotAcquired),
-    /// conch was told to stop by `signal`; `child` is the child's exit if one ran.
-    Stopped { signal: i32, child: Option<Exit> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NotAcquired {
-    Held,
-    WaitExpired,
-    HookFailed(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +117,7 @@ async fn round(
             ));
         }
     };
-    let env = child_env(cfg, &ctx);
+    let env = child_env(&cfg.node, &ctx);
 
     if let Some(hook) = &cfg.on_acquire {
         let end = run_hook_held(
@@ -323,7 +302,7 @@ async fn campaign(
         }
 
         // The epilogue (holds.md §4): the own key still exists with our create revision …
-        let verified = verify_own_key(etcd, &key, rev).await?;
+        let verified = verify_own_key(etcd, &key, rev, None).await?;
         let Some(header_rev) = verified else {
             hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
             lease.revoke().await;
@@ -496,38 +475,6 @@ async fn predecessor(
         .kvs()
         .first()
         .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), header_rev)))
-}
-
-/// The acquisition check: the own key still exists with our create revision. Returns the
-/// revision of the check, or `None` when the key is no longer ours.
-async fn verify_own_key(etcd: &Etcd, key: &str, rev: Revision) -> Result<Option<i64>, ElectError> {
-    let resp = etcd
-        .retry("verify own key", |mut c| {
-            let txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, rev.0)]);
-            async move { c.txn(txn).await }
-        })
-        .await?;
-    Ok(resp
-        .succeeded()
-        .then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
-}
-
-fn child_env(cfg: &ElectConfig, ctx: &HoldCtx) -> Vec<(OsString, OsString)> {
-    [
-        ("CONCH_NAME", ctx.name.clone()),
-        ("CONCH_REV", ctx.rev.to_string()),
-        ("CONCH_KEY", ctx.key.clone()),
-        ("CONCH_LEASE", ctx.lease.to_string()),
-        ("CONCH_NODE", cfg.node.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-    .collect()
-}
-
-/// The cgroup leaf: `<kind>-<name>-<lease-hex>` (names are already safe path components).
-fn leaf(kind: &str, ctx: &HoldCtx) -> String {
-    format!("{kind}-{}-{}", ctx.name, ctx.lease)
 }
 
 fn describe_exit(e: Exit) -> String {

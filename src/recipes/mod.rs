@@ -8,3 +8,85 @@
 pub mod backoff;
 pub mod elect;
 pub mod query;
+pub mod sema;
+pub mod sema_query;
+
+use std::ffi::OsString;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+
+use crate::child::{Exit, SpawnError};
+use crate::etcd::{CallError, Etcd};
+use crate::hold::HoldCtx;
+use crate::hold::loss::Loss;
+use crate::keys::Revision;
+
+/// How a run of `elect` or `sema` ended: expected endings are values; the CLI maps them to
+/// exit codes.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The child ran under the hold and exited like this.
+    Exited(Exit),
+    /// The child could not be started (126/127).
+    SpawnFailed(SpawnError),
+    /// The hold was lost while the child ran; the tree was killed.
+    Lost(Loss),
+    /// Not acquired: `--nonblock`, `--wait` expired, or `--on-acquire` failed.
+    NotAcquired(NotAcquired),
+    /// conch was told to stop by `signal`; `child` is the child's exit if one ran.
+    Stopped { signal: i32, child: Option<Exit> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAcquired {
+    Held,
+    WaitExpired,
+    HookFailed(String),
+}
+
+/// The acquisition check (holds.md §4): the own key still exists with our create revision,
+/// in one transaction. With `rewrite = Some((value, lease))` the same transaction writes the
+/// key again unchanged — a put event that wakes the waiter queued right behind (sema). Returns
+/// the revision of the check, or `None` when the key is no longer ours.
+pub(crate) async fn verify_own_key(
+    etcd: &Etcd,
+    key: &str,
+    rev: Revision,
+    rewrite: Option<(&str, i64)>,
+) -> Result<Option<i64>, CallError> {
+    let resp = etcd
+        .retry("verify own key", |mut c| {
+            let mut txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, rev.0)]);
+            if let Some((value, lease)) = rewrite {
+                txn = txn.and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            }
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    Ok(resp
+        .succeeded()
+        .then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
+}
+
+/// The child's environment (cli.md): name, fencing token, key, lease, node.
+pub(crate) fn child_env(node: &str, ctx: &HoldCtx) -> Vec<(OsString, OsString)> {
+    [
+        ("CONCH_NAME", ctx.name.clone()),
+        ("CONCH_REV", ctx.rev.to_string()),
+        ("CONCH_KEY", ctx.key.clone()),
+        ("CONCH_LEASE", ctx.lease.to_string()),
+        ("CONCH_NODE", node.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+    .collect()
+}
+
+/// The cgroup leaf: `<kind>-<name>-<lease-hex>` (names are already safe path components).
+pub(crate) fn leaf(kind: &str, ctx: &HoldCtx) -> String {
+    format!("{kind}-{}-{}", ctx.name, ctx.lease)
+}
