@@ -20,3 +20,7 @@ demo:
 # Fetch etcd (server + etcdctl) from Debian's packages into .cache/etcd/.
 fetch-etcd:
     scripts/fetch-etcd.sh
+
+# Chaos test: three hosts as network namespaces, etcd + conch on each, faults a-f (needs root).
+chaos:
+    bash test-cluster-chaos.sh

@@ -3,7 +3,9 @@
 # a VM made by vagrant/Vagrantfile; see vagrant/README.md). Partitions are iptables DROP rules
 # in a chain of our own, on the private network only (Vagrant's ssh uses another interface).
 #
-#   chaos-node candidate      start `conch elect chaos` for this node in the background
+#   chaos-node candidate [--restart]
+#                             start `conch elect chaos` for this node in the background
+#                             (--restart: service mode, for scenarios e and f)
 #   chaos-node status         running / the exit code of the last candidate
 #   chaos-node holder         "rev node lease pid grandchild-pid start" of a child running here
 #   chaos-node kill-conch     SIGKILL this node's conch (scenario d)
@@ -13,9 +15,11 @@
 #   chaos-node heal           remove the drop rules
 #   chaos-node etcd-kill      SIGKILL this node's etcd member (scenario b)
 #   chaos-node etcd-start     start it again
+#   chaos-node etcd-stop      SIGSTOP this node's etcd member (scenario e: on two nodes)
+#   chaos-node etcd-cont      SIGCONT it
 #   chaos-node leader         etcd endpoint status as a table (IS LEADER column)
 #   chaos-node journal        print this node's journal
-#   chaos-node reset          stop the candidate, heal, empty the journal
+#   chaos-node reset          stop the candidate, heal, resume etcd, empty the journal
 set -eu
 . /etc/default/conch-chaos
 state=/var/lib/conch-chaos
@@ -43,15 +47,20 @@ candidate)
         echo "a candidate is already running (pid $(cat "$state/conch.pid"))"
         exit 0
     fi
+    case "${2:-}" in
+        "") mode="" ;;
+        --restart) mode=--restart ;;
+        *) echo "usage: chaos-node candidate [--restart]" >&2; exit 64 ;;
+    esac
     rm -f "$state/conch.rc"
     CHAOS_JOURNAL="$state/journal" setsid sh -c '
-        /usr/local/bin/conch --node "$(hostname)" --endpoints "$1" elect chaos --ttl "$2" --kill-after "$3" \
+        /usr/local/bin/conch --node "$(hostname)" --endpoints "$1" elect chaos $6 --ttl "$2" --kill-after "$3" \
             -- "$4/child.sh" >>"$5/conch.log" 2>&1 &
         echo $! >"$5/conch.pid"
         wait $!
-        echo $? >"$5/conch.rc"' sh "$CHAOS_ENDPOINTS" "$TTL" "$KILL_AFTER" "$lib" "$state" \
+        echo $? >"$5/conch.rc"' sh "$CHAOS_ENDPOINTS" "$TTL" "$KILL_AFTER" "$lib" "$state" "$mode" \
         </dev/null >/dev/null 2>&1 &
-    echo "candidate started on $(hostname)"
+    echo "candidate${mode:+ ($mode)} started on $(hostname)"
     ;;
 status)
     if [ -f "$state/conch.rc" ]; then echo "exited $(cat "$state/conch.rc")"; else echo running; fi
@@ -64,7 +73,7 @@ kill-conch)
     echo "conch SIGKILLed at $(date +%s%N)"
     ;;
 tree)
-    for f in $(find /sys/fs/cgroup -path '*conch.slice/*' -name cgroup.procs 2>/dev/null); do
+    find /sys/fs/cgroup -path '*conch.slice/*' -name cgroup.procs 2>/dev/null | while IFS= read -r f; do
         echo "$f: $(tr '\n' ' ' <"$f")"
     done
     ;;
@@ -91,6 +100,14 @@ etcd-kill)
 etcd-start)
     systemctl start --no-block etcd
     ;;
+etcd-stop)
+    systemctl kill -s STOP etcd
+    echo "etcd SIGSTOPped at $(date +%s%N)"
+    ;;
+etcd-cont)
+    systemctl kill -s CONT etcd
+    echo "etcd SIGCONTed at $(date +%s%N)"
+    ;;
 leader)
     etcdctl --endpoints="$CHAOS_ENDPOINTS" --command-timeout=2s endpoint status -w table || true
     ;;
@@ -100,11 +117,12 @@ journal)
 reset)
     if [ -f "$state/conch.pid" ]; then kill -TERM "$(cat "$state/conch.pid")" 2>/dev/null || true; fi
     unchain
+    systemctl kill -s CONT etcd 2>/dev/null || true
     : >"$state/journal"
     rm -f "$state/conch.rc"
     ;;
 *)
-    sed -n '2,18p' "$0" >&2
+    sed -n '2,22p' "$0" >&2
     exit 64
     ;;
 esac

@@ -11,4 +11,5 @@ mod elect_child;
 mod elect_query;
 mod faults;
 mod harness_self;
+mod sema;
 mod soak;

@@ -8,7 +8,7 @@
 //! ```text
 //! conch-testchild --journal FILE [--run 10s] [--exit N] [--ignore-term]
 //!                 [--grandchildren N] [--setsid-grandchild] [--double-fork-grandchild]
-//!                 [--stop-self] [--pidfile FILE]
+//!                 [--stop-self] [--pidfile FILE] [--until-file FILE]
 //! ```
 //! Grandchildren are further copies of this program (`--role grandchild`) that journal too.
 //! `--ignore-term` re-executes the program through `sh -c "trap '' TERM; exec …"`: an ignored
@@ -34,6 +34,8 @@ struct Opts {
     double_fork_grandchild: bool,
     stop_self: bool,
     pidfile: Option<String>,
+    /// Finish (with an `end` record) once this file exists.
+    until_file: Option<String>,
     role: String,
     term_ignored: bool,
 }
@@ -58,6 +60,7 @@ fn parse() -> Result<Opts, String> {
             "--double-fork-grandchild" => o.double_fork_grandchild = true,
             "--stop-self" => o.stop_self = true,
             "--pidfile" => o.pidfile = Some(val()?),
+            "--until-file" => o.until_file = Some(val()?),
             "--role" => o.role = val()?,
             "--term-ignored" => o.term_ignored = true,
             other => return Err(format!("unknown argument {other}")),
@@ -169,6 +172,9 @@ fn main() -> ExitCode {
     let until = o.run.map(|d| std::time::Instant::now() + d);
     loop {
         if until.is_some_and(|u| std::time::Instant::now() >= u) {
+            break;
+        }
+        if o.until_file.as_ref().is_some_and(|f| std::path::Path::new(f).exists()) {
             break;
         }
         record(&o.journal, &o.role, "beat");
