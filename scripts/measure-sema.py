@@ -44,16 +44,17 @@ def wait(cond, timeout, what):
 
 
 def metrics(url):
+    """Per method: unary calls handled, and streams started (Watch, LeaseKeepAlive)."""
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-    unary = streams = 0.0
+    out = {}
     for line in text.splitlines():
-        m = re.match(r'grpc_server_handled_total\{.*grpc_method="(\w+)".*\} ([\d.e+]+)', line)
-        if m and m.group(1) in ("Range", "Txn", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke"):
-            unary += float(m.group(2))
+        m = re.match(r'grpc_server_handled_total\{.*grpc_method="(\w+)".*grpc_type="unary".*\} ([\d.e+]+)', line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         m = re.match(r'grpc_server_started_total\{.*grpc_method="(Watch|LeaseKeepAlive)".*\} ([\d.e+]+)', line)
         if m:
-            streams += float(m.group(2))
-    return unary, streams
+            out[m.group(1) + "-streams"] = out.get(m.group(1) + "-streams", 0.0) + float(m.group(2))
+    return out
 
 
 def journal(path):
@@ -109,9 +110,8 @@ def scenario(url, n, waiters, releases, rng):
         except subprocess.TimeoutExpired:
             p.kill()
     shutil.rmtree(d, ignore_errors=True)
-    unary = (after[0] - before[0]) / releases
-    streams = (after[1] - before[1]) / releases
-    return lat, unary, streams
+    per = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / releases for k in set(after) | set(before)}
+    return lat, per
 
 
 PLAN = [(1, 40, 30), (2, 40, 30), (10, 40, 30), (10, 100, 20), (10, 500, 20)]
@@ -134,13 +134,16 @@ def main():
         wait(lambda: urllib.request.urlopen(url + "/health", timeout=1).status == 200, 20, "etcd")
         rng = random.Random(1)
         print(f"conch sema promotion ({PROFILE} build, etcd on loopback)")
-        print("| slots N | waiters | releases | latency median ms | p99 ms | max ms | unary etcd requests / release | streams opened / release |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| slots N | waiters | releases | latency median ms | p99 ms | max ms | Range+Txn / release | other unary / release | watches opened / release | keepalive streams reopened / release |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for n, waiters, releases in PLAN:
-            lat, unary, streams = scenario(url, n, waiters, releases, rng)
+            lat, per = scenario(url, n, waiters, releases, rng)
             lat.sort()
             p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
-            print(f"| {n} | {waiters} | {releases} | {statistics.median(lat):.1f} | {p99:.1f} | {lat[-1]:.1f} | {unary:.1f} | {streams:.1f} |", flush=True)
+            kv = per.get("Range", 0.0) + per.get("Txn", 0.0)
+            other = sum(v for k, v in per.items() if not k.endswith("-streams") and k not in ("Range", "Txn"))
+            print(f"| {n} | {waiters} | {releases} | {statistics.median(lat):.1f} | {p99:.1f} | {lat[-1]:.1f} | {kv:.1f} | {other:.1f} | "
+                  f"{per.get('Watch-streams', 0.0):.1f} | {per.get('LeaseKeepAlive-streams', 0.0):.1f} |", flush=True)
     finally:
         etcd.kill()
         etcd.wait()
