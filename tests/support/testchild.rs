@@ -174,7 +174,10 @@ fn main() -> ExitCode {
         if until.is_some_and(|u| std::time::Instant::now() >= u) {
             break;
         }
-        if o.until_file.as_ref().is_some_and(|f| std::path::Path::new(f).exists()) {
+        if o.until_file
+            .as_ref()
+            .is_some_and(|f| std::path::Path::new(f).exists())
+        {
             break;
         }
         record(&o.journal, &o.role, "beat");
