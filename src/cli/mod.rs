@@ -110,6 +110,56 @@ fn install_panic_hook() {
     }));
 }
 
+/// What running a child under a hold needs, validated and connected.
+pub(crate) struct Prepared {
+    pub ttl: std::time::Duration,
+    pub prefix: crate::keys::Prefix,
+    pub node: String,
+    pub containment: crate::child::Containment,
+    pub signals: crate::hold::signals::Signals,
+    pub etcd: crate::etcd::Etcd,
+}
+
+/// Everything before a campaign, in this order: the command and the timing are checked (64),
+/// the globals parsed (64), containment resolved (64 if `cgroup` is demanded and impossible),
+/// signal handlers installed — before anything can run, so no signal kills conch by its
+/// default action and orphans a child — and etcd connected (69). `Err` carries the exit code;
+/// the reason is already printed.
+pub(crate) async fn prepare(
+    g: &GlobalArgs,
+    cmd: &[std::ffi::OsString],
+    kill_after: std::time::Duration,
+) -> Result<Prepared, u8> {
+    if cmd.first().is_some_and(|c| c.is_empty()) {
+        return Err(usage("the command after -- is empty"));
+    }
+    let ttl = g.effective_ttl();
+    if let Err(e) = crate::hold::deadline::Timing::derive(ttl, kill_after) {
+        return Err(usage(e));
+    }
+    let (prefix, node, etcd_cfg) = match (g.prefix(), g.node(), g.etcd_config()) {
+        (Ok(p), Ok(n), Ok(c)) => (p, n, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(usage(e)),
+    };
+    let containment = g.containment().map_err(usage)?;
+    let signals = crate::hold::signals::Signals::install().map_err(|e| {
+        report(&e);
+        exit::UNAVAILABLE
+    })?;
+    let etcd = g.connect(&etcd_cfg).await.map_err(|e| {
+        report(&e);
+        exit::UNAVAILABLE
+    })?;
+    Ok(Prepared {
+        ttl,
+        prefix,
+        node,
+        containment,
+        signals,
+        etcd,
+    })
+}
+
 /// Print an error and its causes once, as `conch: a: b: c`.
 pub(crate) fn report(e: &dyn std::error::Error) {
     eprintln!("conch: {}", crate::etcd::chain(e));

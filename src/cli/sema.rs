@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{GlobalArgs, args, exit, report, usage};
-use crate::hold::deadline::Timing;
+use super::{GlobalArgs, Prepared, args, exit, prepare, report, usage};
 use crate::keys::Name;
 use crate::recipes::sema::{self, MAX_SLOTS, SemaConfig, SemaError};
 use crate::recipes::sema_query;
@@ -84,35 +83,16 @@ pub async fn run(g: &GlobalArgs, a: SemaArgs) -> u8 {
     if a.cmd.is_empty() {
         return usage("missing command: conch sema <NAME> --max N [flags] -- <CMD>...");
     }
-    if a.cmd[0].is_empty() {
-        return usage("the command after -- is empty");
-    }
-    let ttl = g.effective_ttl();
-    if let Err(e) = Timing::derive(ttl, a.kill_after) {
-        return usage(e);
-    }
-    let (prefix, node, etcd_cfg) = match (g.prefix(), g.node(), g.etcd_config()) {
-        (Ok(p), Ok(n), Ok(c)) => (p, n, c),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return usage(e),
-    };
-    let containment = match g.containment() {
-        Ok(c) => c,
-        Err(e) => return usage(e),
-    };
-    // Handlers before anything can run: no signal may kill conch by default and orphan a child.
-    let mut signals = match crate::hold::signals::Signals::install() {
-        Ok(s) => s,
-        Err(e) => {
-            report(&e);
-            return exit::UNAVAILABLE;
-        }
-    };
-    let etcd = match g.connect(&etcd_cfg).await {
-        Ok(e) => e,
-        Err(e) => {
-            report(&e);
-            return exit::UNAVAILABLE;
-        }
+    let Prepared {
+        ttl,
+        prefix,
+        node,
+        containment,
+        mut signals,
+        etcd,
+    } = match prepare(g, &a.cmd, a.kill_after).await {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let cfg = SemaConfig {
         name: a.name.clone(),

@@ -9,14 +9,16 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
 
 use super::backoff::Backoff;
-use super::{NotAcquired, Outcome, child_env, leaf, verify_own_key};
+use super::{
+    NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, verify_own_key, wait_queued,
+};
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
 use crate::etcd::{CallError, Etcd};
-use crate::hold::clock::{BootInstant, BootTimer};
+use crate::hold::clock::BootInstant;
 use crate::hold::lease::{GrantError, Lease};
 use crate::hold::loss::Loss;
 use crate::hold::signals::{Sig, Signals};
@@ -339,70 +341,26 @@ async fn wait_for_turn(
     give_up_at: Option<BootInstant>,
     nonblock: bool,
 ) -> Result<Turn, ElectError> {
-    let mut timer = BootTimer::new().map_err(|e| CallError {
-        what: "deadline timer",
-        detail: e.to_string(),
-        kind: crate::etcd::CallErrorKind::Other,
-    })?;
+    let mut timer = queue_timer()?;
     loop {
         let ahead = predecessor(etcd, office, ctx.rev).await?;
         let Some((pred, header_rev)) = ahead else {
             return Ok(Turn::Ours);
         };
-        let now = BootInstant::now();
-        if give_up_at.is_some_and(|g| now >= g) {
+        if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
             return Ok(Turn::GiveUp(give_up_reason(nonblock)));
         }
         tracing::debug!(name = %ctx.name, ahead = %pred, "waiting");
-        let (idx, mut client) = etcd.client();
-        let p = pred.clone();
-        let watch = etcd
-            .bounded("watch candidate ahead", async move {
-                client
-                    .watch(
-                        p,
-                        Some(WatchOptions::new().with_start_revision(header_rev + 1)),
-                    )
-                    .await
-            })
-            .await;
-        let mut events = match watch {
-            Ok(w) => w,
-            Err(e) => {
-                etcd.rotate(idx);
-                return Err(e.into());
-            }
-        };
-        loop {
-            let st = lease.mark_seen();
-            if let Some(loss) = st.lost {
-                return Ok(Turn::LostWaiting(loss));
-            }
-            // A waiter has no child to kill: its lease is lost at D itself.
-            let wake = give_up_at.map_or(st.deadline.at(), |g| g.min(st.deadline.at()));
-            if BootInstant::now() >= st.deadline.at() {
-                return Ok(Turn::LostWaiting(Loss::Deadline));
-            }
-            if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
-                return Ok(Turn::GiveUp(give_up_reason(nonblock)));
-            }
-            let _ = timer.set(wake);
-            tokio::select! {
-                biased;
-                _ = timer.wait() => {}
-                _ = lease.changed() => {}
-                sig = signals.recv() => if let Sig::Stop(n) = sig { return Ok(Turn::Stopped(n)) },
-                msg = events.message() => match msg {
-                    Ok(Some(resp)) => {
-                        let gone = resp.events().iter().any(|e| e.event_type() == EventType::Delete);
-                        if gone || resp.canceled() {
-                            break;
-                        }
-                    }
-                    // The watch ended (etcd restart, failover): re-read who is ahead.
-                    _ => break,
-                },
-            }
+        let opts = WatchOptions::new().with_start_revision(header_rev + 1);
+        match wait_queued(
+            etcd, lease, &mut timer, signals, give_up_at, pred, opts, false,
+        )
+        .await?
+        {
+            Queued::Moved => {}
+            Queued::GiveUp => return Ok(Turn::GiveUp(give_up_reason(nonblock))),
+            Queued::Stopped(n) => return Ok(Turn::Stopped(n)),
+            Queued::Lost(loss) => return Ok(Turn::LostWaiting(loss)),
         }
     }
 }

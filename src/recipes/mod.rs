@@ -13,12 +13,15 @@ pub mod sema_query;
 
 use std::ffi::OsString;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 
 use crate::child::{Exit, SpawnError};
-use crate::etcd::{CallError, Etcd};
+use crate::etcd::{CallError, CallErrorKind, Etcd};
 use crate::hold::HoldCtx;
+use crate::hold::clock::{BootInstant, BootTimer};
+use crate::hold::lease::Lease;
 use crate::hold::loss::Loss;
+use crate::hold::signals::{Sig, Signals};
 use crate::keys::Revision;
 
 /// How a run of `elect` or `sema` ended: expected endings are values; the CLI maps them to
@@ -89,4 +92,87 @@ pub(crate) fn child_env(node: &str, ctx: &HoldCtx) -> Vec<(OsString, OsString)> 
 /// The cgroup leaf: `<kind>-<name>-<lease-hex>` (names are already safe path components).
 pub(crate) fn leaf(kind: &str, ctx: &HoldCtx) -> String {
     format!("{kind}-{}-{}", ctx.name, ctx.lease)
+}
+
+/// How one wait of a queued participant ended.
+pub(crate) enum Queued {
+    /// What it watched changed (or the watch ended): read where it stands again.
+    Moved,
+    /// `--wait` ran out.
+    GiveUp,
+    /// conch was told to stop by this signal.
+    Stopped(i32),
+    /// The lease was lost while queued (at D itself: a waiter has no child to kill).
+    Lost(Loss),
+}
+
+/// A `CLOCK_BOOTTIME` timer for a queued wait; failing to make one is an internal error.
+pub(crate) fn queue_timer() -> Result<BootTimer, CallError> {
+    BootTimer::new().map_err(|e| CallError {
+        what: "deadline timer",
+        detail: e.to_string(),
+        kind: CallErrorKind::Other,
+    })
+}
+
+/// Watch `key` with `opts` and wait as a queued participant until an event of interest (a
+/// delete; also a put with `wake_on_put`) or the watch ends, `give_up_at` passes, a stop
+/// signal arrives, or the lease is lost. Forwardable signals are ignored: no child runs yet.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn wait_queued(
+    etcd: &Etcd,
+    lease: &mut Lease,
+    timer: &mut BootTimer,
+    signals: &mut Signals,
+    give_up_at: Option<BootInstant>,
+    key: String,
+    opts: WatchOptions,
+    wake_on_put: bool,
+) -> Result<Queued, CallError> {
+    let (idx, mut client) = etcd.client();
+    let opened = etcd
+        .bounded(
+            "watch queue",
+            async move { client.watch(key, Some(opts)).await },
+        )
+        .await;
+    let mut events = match opened {
+        Ok(w) => w,
+        Err(e) => {
+            etcd.rotate(idx);
+            return Err(e);
+        }
+    };
+    loop {
+        let st = lease.mark_seen();
+        if let Some(loss) = st.lost {
+            return Ok(Queued::Lost(loss));
+        }
+        let now = BootInstant::now();
+        if now >= st.deadline.at() {
+            return Ok(Queued::Lost(Loss::Deadline));
+        }
+        if give_up_at.is_some_and(|g| now >= g) {
+            return Ok(Queued::GiveUp);
+        }
+        let _ = timer.set(give_up_at.map_or(st.deadline.at(), |g| g.min(st.deadline.at())));
+        tokio::select! {
+            biased;
+            _ = timer.wait() => {}
+            _ = lease.changed() => {}
+            sig = signals.recv() => if let Sig::Stop(n) = sig { return Ok(Queued::Stopped(n)) },
+            msg = events.message() => match msg {
+                Ok(Some(resp)) => {
+                    let moved = resp.events().iter().any(|e| {
+                        e.event_type() == EventType::Delete || (wake_on_put && e.event_type() == EventType::Put)
+                    });
+                    if moved || resp.canceled() {
+                        return Ok(Queued::Moved);
+                    }
+                }
+                // The watch ended (etcd restart, failover): read again.
+                _ => return Ok(Queued::Moved),
+            },
+        }
+    }
 }

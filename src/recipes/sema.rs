@@ -22,17 +22,19 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    WatchFilterType, WatchOptions,
 };
 
-use super::{NotAcquired, Outcome, child_env, leaf, verify_own_key};
+use super::{
+    NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, verify_own_key, wait_queued,
+};
 use crate::child::{ChildCommand, Containment, Tree};
-use crate::etcd::{CallError, CallErrorKind, Etcd};
-use crate::hold::clock::{BootInstant, BootTimer};
+use crate::etcd::{CallError, Etcd};
+use crate::hold::clock::BootInstant;
 use crate::hold::lease::{GrantError, Lease};
 use crate::hold::loss::Loss;
-use crate::hold::signals::{Sig, Signals};
+use crate::hold::signals::Signals;
 use crate::hold::{self, HoldCtx, RunEnd};
 use crate::hold_event;
 use crate::keys::{self, HolderRecord, LeaseId, Name, Prefix, Revision};
@@ -399,13 +401,9 @@ async fn wait_for_slot(
     give_up_at: Option<BootInstant>,
     nonblock: bool,
 ) -> Result<Turn, SemaError> {
-    let mut timer = BootTimer::new().map_err(|e| CallError {
-        what: "deadline timer",
-        detail: e.to_string(),
-        kind: CallErrorKind::Other,
-    })?;
+    let mut timer = queue_timer()?;
     loop {
-        let (watch_key, watch_opts) = match standing(etcd, cfg, queue, ctx).await? {
+        let (watch_key, opts) = match standing(etcd, cfg, queue, ctx).await? {
             Standing::Holder => return Ok(Turn::Ours),
             _ if nonblock => return Ok(Turn::GiveUp),
             Standing::WatchQueue(h) => (
@@ -420,50 +418,15 @@ async fn wait_for_slot(
         if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
             return Ok(Turn::GiveUp);
         }
-        let (idx, mut client) = etcd.client();
-        let opened = etcd
-            .bounded("watch queue", async move {
-                client.watch(watch_key, Some(watch_opts)).await
-            })
-            .await;
-        let mut events = match opened {
-            Ok(w) => w,
-            Err(e) => {
-                etcd.rotate(idx);
-                return Err(e.into());
-            }
-        };
-        loop {
-            let st = lease.mark_seen();
-            if let Some(loss) = st.lost {
-                return Ok(Turn::LostWaiting(loss));
-            }
-            let now = BootInstant::now();
-            if now >= st.deadline.at() {
-                return Ok(Turn::LostWaiting(Loss::Deadline));
-            }
-            if give_up_at.is_some_and(|g| now >= g) {
-                return Ok(Turn::GiveUp);
-            }
-            let wake = give_up_at.map_or(st.deadline.at(), |g| g.min(st.deadline.at()));
-            let _ = timer.set(wake);
-            tokio::select! {
-                biased;
-                _ = timer.wait() => {}
-                _ = lease.changed() => {}
-                sig = signals.recv() => if let Sig::Stop(n) = sig { return Ok(Turn::Stopped(n)) },
-                msg = events.message() => match msg {
-                    Ok(Some(resp)) => {
-                        let moved = resp.events().iter().any(|e| {
-                            e.event_type() == EventType::Delete || e.event_type() == EventType::Put
-                        });
-                        if moved || resp.canceled() {
-                            break;
-                        }
-                    }
-                    _ => break,
-                },
-            }
+        match wait_queued(
+            etcd, lease, &mut timer, signals, give_up_at, watch_key, opts, true,
+        )
+        .await?
+        {
+            Queued::Moved => {}
+            Queued::GiveUp => return Ok(Turn::GiveUp),
+            Queued::Stopped(n) => return Ok(Turn::Stopped(n)),
+            Queued::Lost(loss) => return Ok(Turn::LostWaiting(loss)),
         }
     }
 }
