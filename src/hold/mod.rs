@@ -33,6 +33,10 @@ use signals::{Sig, Signals};
 /// between D and the earliest moment etcd could expire the lease.)
 pub const KILL_LEAD: Duration = Duration::from_millis(20);
 
+/// Longest the guarded delete of a release may take before conch moves on to the revoke
+/// (itself bounded by 1 s): release is best effort once the tree is dead.
+pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
+
 /// Names a hold in log lines: the fixed vocabulary of holds.md §8.
 #[derive(Debug, Clone)]
 pub struct HoldCtx {
@@ -239,23 +243,21 @@ pub async fn kill_tree(
 pub async fn release(etcd: &Etcd, lease: Lease, ctx: &HoldCtx) {
     let key = ctx.key.clone();
     let rev = ctx.rev.0;
-    let guarded = etcd
-        .retry("release", |mut c| {
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, rev)])
-                .and_then([TxnOp::delete(key.clone(), None)]);
-            async move { c.txn(txn).await }
-        })
-        .await;
-    if let Err(e) = guarded {
-        tracing::warn!(key = %ctx.key, error = %e, "guarded delete failed; revoking the lease");
+    let guarded = etcd.retry("release", |mut c| {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::delete(key.clone(), None)]);
+        async move { c.txn(txn).await }
+    });
+    // Best effort and bounded: with etcd unreachable the lease simply expires, and a stopping
+    // conch must not hang on it (the tree is already dead).
+    match tokio::time::timeout(RELEASE_BOUND, guarded).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(key = %ctx.key, error = %e, "guarded delete failed; revoking the lease")
+        }
+        Err(_) => tracing::warn!(key = %ctx.key, "guarded delete timed out; revoking the lease"),
     }
     lease.revoke().await;
     hold_event!(info, ctx, "released");
-}
-
-/// How long a hook or child may still be given, at most, before D − G.
-pub fn time_left(lease: &Lease) -> Duration {
-    let st = lease.state();
-    st.deadline.term_at(lease.timing().grace) - BootInstant::now()
 }
