@@ -13,9 +13,8 @@ use etcd_client::{
 };
 
 use super::backoff::Backoff;
-use super::{
-    NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, verify_own_key, wait_queued,
-};
+use super::{NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, wait_queued};
+use super::{acquire, holder_record};
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
 use crate::etcd::{CallError, Etcd};
 use crate::hold::clock::BootInstant;
@@ -24,7 +23,7 @@ use crate::hold::loss::Loss;
 use crate::hold::signals::{Sig, Signals};
 use crate::hold::{self, HoldCtx, RunEnd};
 use crate::hold_event;
-use crate::keys::{self, HolderRecord, Name, Prefix, Revision};
+use crate::keys::{Name, Prefix, Revision};
 
 /// Everything `conch elect … -- cmd` needs, validated.
 #[derive(Debug, Clone)]
@@ -249,14 +248,7 @@ async fn campaign(
     loop {
         let mut lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
         let key = cfg.prefix.elect_candidate(&cfg.office, lease.id());
-        let record = HolderRecord {
-            node: cfg.node.clone(),
-            pid: std::process::id(),
-            started: keys::now_rfc3339(),
-            cmd: Some(keys::cmd_summary(&cfg.cmd)),
-            lease: lease.id().to_string(),
-            containment: containment.mode.as_str().to_string(),
-        };
+        let record = holder_record(&cfg.node, &cfg.cmd, &lease, containment);
         let rev = match create_key(etcd, &key, &record.to_json(), &lease).await {
             Ok(rev) => rev,
             Err(e) => {
@@ -303,22 +295,10 @@ async fn campaign(
             }
         }
 
-        // The epilogue (holds.md §4): the own key still exists with our create revision …
-        let verified = verify_own_key(etcd, &key, rev, None).await?;
-        let Some(header_rev) = verified else {
-            hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
-            lease.revoke().await;
-            continue;
-        };
-        // … and enough time is left to kill a tree before D.
-        let st = lease.state();
-        if st.lost.is_some() || !st.deadline.fits_run(BootInstant::now(), cfg.grace) {
-            hold_event!(warn, ctx, "lost", reason = %Loss::Deadline, waiting = true);
+        if !acquire(etcd, &mut lease, &ctx, cfg.grace, None).await? {
             lease.revoke().await;
             continue;
         }
-        lease.guard_key(key.clone(), rev, header_rev + 1);
-        hold_event!(info, ctx, "acquired");
         return Ok(Campaign::Won(lease, ctx));
     }
 }

@@ -75,6 +75,48 @@ pub(crate) async fn verify_own_key(
         .then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
 }
 
+/// The acquisition epilogue (holds.md §4): the own key still has our create revision (one
+/// transaction; see [`verify_own_key`] for `rewrite`), the hold is not lost, and at least
+/// `grace + 1 s` is left before D. Then the own-key guard starts and `true` comes back; on
+/// `false` the hold counts as lost while waiting (logged) and the caller revokes and re-queues.
+pub(crate) async fn acquire(
+    etcd: &Etcd,
+    lease: &mut Lease,
+    ctx: &HoldCtx,
+    grace: std::time::Duration,
+    rewrite: Option<(&str, i64)>,
+) -> Result<bool, CallError> {
+    let Some(check_rev) = verify_own_key(etcd, &ctx.key, ctx.rev, rewrite).await? else {
+        crate::hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
+        return Ok(false);
+    };
+    let st = lease.state();
+    if st.lost.is_some() || !st.deadline.fits_run(BootInstant::now(), grace) {
+        crate::hold_event!(warn, ctx, "lost", reason = %Loss::Deadline, waiting = true);
+        return Ok(false);
+    }
+    lease.guard_key(ctx.key.clone(), ctx.rev, check_rev + 1);
+    crate::hold_event!(info, ctx, "acquired");
+    Ok(true)
+}
+
+/// The record a participant writes into its key before anything runs.
+pub(crate) fn holder_record(
+    node: &str,
+    cmd: &[OsString],
+    lease: &Lease,
+    containment: &crate::child::Containment,
+) -> crate::keys::HolderRecord {
+    crate::keys::HolderRecord {
+        node: node.to_string(),
+        pid: std::process::id(),
+        started: crate::keys::now_rfc3339(),
+        cmd: Some(crate::keys::cmd_summary(cmd)),
+        lease: lease.id().to_string(),
+        containment: containment.mode.as_str().to_string(),
+    }
+}
+
 /// The child's environment (cli.md): name, fencing token, key, lease, node.
 pub(crate) fn child_env(node: &str, ctx: &HoldCtx) -> Vec<(OsString, OsString)> {
     [

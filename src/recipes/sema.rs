@@ -26,9 +26,8 @@ use etcd_client::{
     WatchFilterType, WatchOptions,
 };
 
-use super::{
-    NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, verify_own_key, wait_queued,
-};
+use super::{NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, wait_queued};
+use super::{acquire, holder_record};
 use crate::child::{ChildCommand, Containment, Tree};
 use crate::etcd::{CallError, Etcd};
 use crate::hold::clock::BootInstant;
@@ -97,20 +96,12 @@ pub async fn run(
     let give_up_at = cfg.wait.map(|w| since + w);
     let nonblock = cfg.wait == Some(Duration::ZERO);
     let queue = cfg.prefix.sema_queue(&cfg.name, cfg.max, cfg.spread);
-    let (mut lease, ctx, record) = loop {
+    let (mut lease, ctx) = loop {
         let lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
         let key = cfg
             .prefix
             .sema_key(&cfg.name, cfg.max, cfg.spread, lease.id());
-        let record = HolderRecord {
-            node: cfg.node.clone(),
-            pid: std::process::id(),
-            started: keys::now_rfc3339(),
-            cmd: Some(keys::cmd_summary(&cfg.cmd)),
-            lease: lease.id().to_string(),
-            containment: containment.mode.as_str().to_string(),
-        }
-        .to_json();
+        let record = holder_record(&cfg.node, &cfg.cmd, &lease, containment).to_json();
         let rev = match create_key(etcd, cfg, &key, &record, lease.id()).await {
             Ok(rev) => rev,
             Err(e) => {
@@ -165,26 +156,14 @@ pub async fn run(
                 continue;
             }
         }
-        // The epilogue: the key is still ours (and, rewritten unchanged, wakes the waiter
-        // behind), and enough time is left to kill a tree before D.
-        let Some(check_rev) =
-            verify_own_key(etcd, &ctx.key, rev, Some((&record, lease.id().0))).await?
-        else {
-            hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
-            lease.revoke().await;
-            continue;
-        };
-        let st = lease.state();
-        if st.lost.is_some() || !st.deadline.fits_run(BootInstant::now(), cfg.grace) {
-            hold_event!(warn, ctx, "lost", reason = %Loss::Deadline, waiting = true);
+        // The epilogue; rewriting the key unchanged wakes the waiter queued behind.
+        let id = lease.id().0;
+        if !acquire(etcd, &mut lease, &ctx, cfg.grace, Some((&record, id))).await? {
             lease.revoke().await;
             continue;
         }
-        lease.guard_key(ctx.key.clone(), rev, check_rev + 1);
-        hold_event!(info, ctx, "acquired");
-        break (lease, ctx, record);
+        break (lease, ctx);
     };
-    let _ = record;
 
     let cmd = ChildCommand {
         argv: cfg.cmd.clone(),
