@@ -17,7 +17,7 @@ pub const CMD_MAX: usize = 256;
 
 /// A validated office / semaphore / job name: 1–128 characters from `A-Z a-z 0-9 . _ -`,
 /// not starting with `.`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,6 +161,85 @@ impl Prefix {
     }
 }
 
+impl Prefix {
+    /// `<prefix>/v1/cron/job/`: every job spec.
+    pub fn cron_jobs(&self) -> String {
+        format!("{}/v1/cron/job/", self.0)
+    }
+
+    /// `<prefix>/v1/cron/job/<name>`: one job's spec (no lease: jobs persist).
+    pub fn cron_job(&self, name: &Name) -> String {
+        format!("{}{}", self.cron_jobs(), name)
+    }
+
+    /// `<prefix>/v1/cron/fire/<name>/`: the per-tick claims of one job.
+    pub fn cron_fire_dir(&self, name: &Name) -> String {
+        format!("{}/v1/cron/fire/{}/", self.0, name)
+    }
+
+    /// `<prefix>/v1/cron/fire/<name>/<tick>`: one tick's claim, created at most once.
+    pub fn cron_fire(&self, name: &Name, tick: i64) -> String {
+        format!("{}{}", self.cron_fire_dir(name), tick_key(tick))
+    }
+
+    /// `<prefix>/v1/cron/running/<name>`: leased by the node running the job (overlap=forbid).
+    pub fn cron_running(&self, name: &Name) -> String {
+        format!("{}/v1/cron/running/{}", self.0, name)
+    }
+
+    /// `<prefix>/v1/cron/result/<name>/`: one job's results, oldest first.
+    pub fn cron_result_dir(&self, name: &Name) -> String {
+        format!("{}/v1/cron/result/{}/", self.0, name)
+    }
+
+    /// `<prefix>/v1/cron/result/<name>/<tick>`.
+    pub fn cron_result(&self, name: &Name, tick: i64) -> String {
+        format!("{}{}", self.cron_result_dir(name), tick_key(tick))
+    }
+
+    /// `<prefix>/v1/cron/trigger/`: every pending `cron run` request.
+    pub fn cron_triggers(&self) -> String {
+        format!("{}/v1/cron/trigger/", self.0)
+    }
+
+    /// `<prefix>/v1/cron/trigger/<name>/<id>`.
+    pub fn cron_trigger(&self, name: &Name, id: &str) -> String {
+        format!("{}{}/{}", self.cron_triggers(), name, id)
+    }
+
+    /// `<prefix>/v1/node/`: every live conchd.
+    pub fn nodes(&self) -> String {
+        format!("{}/v1/node/", self.0)
+    }
+
+    /// `<prefix>/v1/node/<node>`: one live conchd (leased).
+    pub fn node(&self, node: &str) -> String {
+        format!("{}{}", self.nodes(), node)
+    }
+
+    /// `<prefix>/v1/elect/` and `<prefix>/v1/sema/`: every office and every semaphore.
+    pub fn elect_all(&self) -> String {
+        format!("{}/v1/elect/", self.0)
+    }
+
+    pub fn sema_all(&self) -> String {
+        format!("{}/v1/sema/", self.0)
+    }
+}
+
+/// A tick as a key component: its UTC Unix time zero-padded to 12 digits, so keys sort by time.
+pub fn tick_key(tick: i64) -> String {
+    debug_assert!(tick >= 0, "ticks before 1970 are not valid");
+    format!("{:012}", tick.max(0))
+}
+
+/// Inverse of [`tick_key`]: exactly 12 ASCII digits.
+pub fn parse_tick_key(s: &str) -> Option<i64> {
+    (s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
 pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -238,6 +317,65 @@ pub fn rfc3339_utc(unix_secs: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
+/// Parse `YYYY-MM-DDTHH:MM:SS[.fff]Z` (what [`rfc3339_utc`] writes) back to Unix seconds
+/// (fractions dropped). Anything else, including other offsets, is `None`.
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || *b.last()? != b'Z' || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let frac = &s[19..s.len() - 1];
+    if !(frac.is_empty()
+        || (frac.len() > 1
+            && frac.starts_with('.')
+            && frac[1..].bytes().all(|c| c.is_ascii_digit())))
+    {
+        return None;
+    }
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm), proleptic Gregorian.
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + se)
+}
+
+/// Now as Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds
+/// (`2026-06-12T10:15:00.123Z`).
+pub fn rfc3339_utc_ms(unix_ms: i64) -> String {
+    let secs = rfc3339_utc(unix_ms.div_euclid(1000).max(0) as u64);
+    format!(
+        "{}.{:03}Z",
+        &secs[..secs.len() - 1],
+        unix_ms.rem_euclid(1000)
+    )
+}
+
 /// Now, as RFC 3339 UTC.
 pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
@@ -250,6 +388,41 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        for t in [0u64, 951_782_400, 1_795_000_000, 4_102_444_799] {
+            assert_eq!(parse_rfc3339_utc(&rfc3339_utc(t)), Some(t as i64));
+        }
+        assert_eq!(
+            parse_rfc3339_utc("2028-02-29T12:00:00.250Z"),
+            Some(1_835_438_400)
+        );
+        for bad in [
+            "",
+            "2026-11-28 10:00:00Z",
+            "2026-11-28T10:00:00+01:00",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T10:00:00.Z",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tick_keys_sort_by_time() {
+        assert_eq!(tick_key(90), "000000000090");
+        assert_eq!(parse_tick_key("000000000090"), Some(90));
+        for bad in [
+            "00000000009",
+            "0000000000900",
+            "00000000009x",
+            "-00000000009",
+        ] {
+            assert_eq!(parse_tick_key(bad), None, "{bad:?}");
+        }
+        assert!(tick_key(999) < tick_key(1000));
+    }
 
     #[test]
     fn names_accept_the_allowed_alphabet() {

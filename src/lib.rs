@@ -26,7 +26,10 @@
 pub mod cgroup;
 pub mod child;
 pub mod cli;
+pub mod conchd;
+pub mod cron;
 pub mod etcd;
 pub mod hold;
 pub mod keys;
 pub mod recipes;
+pub mod status;

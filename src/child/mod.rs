@@ -113,6 +113,9 @@ pub struct ChildCommand {
     pub env: Vec<(OsString, OsString)>,
     /// Leaf name of the child's cgroup, e.g. `elect-api-694d7b5c1e2a3f01` (already safe for a path).
     pub cgroup_leaf: String,
+    /// `None`: stdin, stdout and stderr are conch's. `Some(w)`: stdout and stderr go to `w`
+    /// (the write end of a pipe, say) and stdin is `/dev/null` (conchd's jobs).
+    pub output: Option<Arc<OwnedFd>>,
 }
 
 /// How the direct child ended.

@@ -125,6 +125,17 @@ pub(crate) fn command(
         c.env_remove(key);
     }
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
+    if let Some(out) = &cmd.output {
+        // A failed dup leaves that stream inherited: output then reaches conch's own stderr
+        // unprefixed, which is better than not running the job.
+        c.stdin(std::process::Stdio::null());
+        if let Ok(fd) = out.try_clone() {
+            c.stdout(fd);
+        }
+        if let Ok(fd) = out.try_clone() {
+            c.stderr(fd);
+        }
+    }
     sys::pass_fd(&mut c, sock);
     c
 }

@@ -45,6 +45,7 @@ pub(crate) fn sh(script: &str, dir: &Path) -> ChildCommand {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec![("D".into(), dir.as_os_str().to_owned())],
         cgroup_leaf: format!("test-{n}"),
+        output: None,
     }
 }
 

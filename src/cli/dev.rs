@@ -126,6 +126,7 @@ async fn serve(
         argv,
         env: vec![("CONCH_DEV_LOG".into(), log.clone().into())],
         cgroup_leaf: format!("dev-etcd-{}", std::process::id()),
+        output: None,
     };
     let mut etcd = match Tree::spawn(&containment, &cmd) {
         Ok(t) => t,
@@ -187,6 +188,7 @@ async fn run_cmd(containment: &Containment, argv: &[OsString], client_url: &str)
             ("PATH".into(), path),
         ],
         cgroup_leaf: format!("dev-cmd-{}", std::process::id()),
+        output: None,
     };
     let mut tree = match Tree::spawn(containment, &cmd) {
         Ok(t) => t,

@@ -7,11 +7,14 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod conchd;
+mod cron;
 mod dev;
 mod elect;
 pub mod exit;
 mod global;
 mod sema;
+mod status;
 mod version;
 
 use std::process::ExitCode;
@@ -43,6 +46,12 @@ enum Command {
     Elect(elect::ElectArgs),
     /// Run a command only while holding one of N cluster-wide slots.
     Sema(sema::SemaArgs),
+    /// Distributed cron: jobs that run once per tick on exactly one conchd node.
+    Cron(cron::CronArgs),
+    /// The per-node daemon that runs cron jobs (and serves the status API with --status-addr).
+    Conchd(conchd::ConchdArgs),
+    /// Every office, semaphore, cron job and conchd node under the prefix.
+    Status(status::StatusArgs),
     /// Start a throw-away single-node etcd for trying conch on one machine (never production).
     Dev(dev::DevArgs),
     /// Print the version, the commit, and the containment mode conch would use here.
@@ -91,6 +100,9 @@ async fn dispatch(cli: Cli) -> u8 {
     match cli.command {
         Command::Elect(a) => elect::run(&cli.global, a).await,
         Command::Sema(a) => sema::run(&cli.global, a).await,
+        Command::Cron(a) => cron::run(&cli.global, a).await,
+        Command::Conchd(a) => conchd::run(&cli.global, a).await,
+        Command::Status(a) => status::run(&cli.global, a).await,
         Command::Dev(a) => dev::run(&cli.global, a).await,
         Command::Version => version::run(&cli.global),
         Command::Completion { shell } => {

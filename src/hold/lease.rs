@@ -128,6 +128,15 @@ impl Lease {
         self.rx.borrow_and_update().clone()
     }
 
+    /// A read-only view of this lease's state, for a run loop that shares the lease with
+    /// others (conchd runs every job under its one lease).
+    pub fn view(&self) -> HoldView {
+        HoldView {
+            rx: self.rx.clone(),
+            timing: self.timing,
+        }
+    }
+
     /// Record a loss found by the caller (e.g. a failed ownership re-check).
     pub fn mark_lost(&self, loss: Loss) {
         mark_lost(&self.tx, loss);
@@ -186,6 +195,38 @@ impl Drop for Lease {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// What a run loop reads of a lease: its state and timing. Cheap to clone; each view has
+/// its own notion of "seen". Outlives the lease harmlessly: once the lease's tasks end,
+/// [`HoldView::changed`] pends forever and the state stays as last published.
+#[derive(Debug, Clone)]
+pub struct HoldView {
+    rx: watch::Receiver<HoldState>,
+    timing: Timing,
+}
+
+impl HoldView {
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// The current state (a copy).
+    pub fn state(&self) -> HoldState {
+        self.rx.borrow().clone()
+    }
+
+    /// Resolve when the state changed since it was last marked seen. Cancel-safe.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Mark the state seen, so the next [`HoldView::changed`] waits for a new change.
+    pub fn mark_seen(&mut self) -> HoldState {
+        self.rx.borrow_and_update().clone()
     }
 }
 

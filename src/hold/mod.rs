@@ -24,7 +24,7 @@ use crate::child::{Exit, Tree};
 use crate::etcd::Etcd;
 use crate::keys::{LeaseId, Revision};
 use clock::{BootInstant, BootTimer};
-use lease::Lease;
+use lease::{HoldView, Lease};
 use loss::Loss;
 use signals::{Sig, Signals};
 
@@ -92,7 +92,7 @@ pub enum RunEnd {
 ///
 /// The loop wakes at `D − G` on `CLOCK_BOOTTIME`, re-armed whenever a renewal moves D.
 pub async fn supervise(
-    lease: &mut Lease,
+    lease: &mut HoldView,
     tree: &mut Tree,
     signals: &mut Signals,
     ctx: &HoldCtx,

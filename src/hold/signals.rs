@@ -20,11 +20,24 @@ pub enum Sig {
     Forward(i32),
 }
 
-/// The installed handlers.
+/// Where run loops get their signals from: the process's handlers, or a channel (conchd
+/// owns the process's signals and tells each job's run loop when to stop).
 #[derive(Debug)]
-pub struct Signals {
-    stop: [(i32, Signal); 3],
-    forward: [(i32, Signal); 4],
+pub struct Signals(Source);
+
+#[derive(Debug)]
+enum Source {
+    Os {
+        stop: [(i32, Signal); 3],
+        forward: [(i32, Signal); 4],
+    },
+    Channel(tokio::sync::mpsc::UnboundedReceiver<Sig>),
+    /// A stop level: each step up is one `Stop(SIGTERM)`; a receiver made after steps were
+    /// taken sees them too.
+    Level {
+        rx: tokio::sync::watch::Receiver<u32>,
+        seen: u32,
+    },
 }
 
 impl Signals {
@@ -34,16 +47,49 @@ impl Signals {
         let s = |n: S| -> io::Result<(i32, Signal)> {
             Ok((n.as_raw(), signal(SignalKind::from_raw(n.as_raw()))?))
         };
-        Ok(Signals {
+        Ok(Signals(Source::Os {
             stop: [s(S::INT)?, s(S::TERM)?, s(S::QUIT)?],
             forward: [s(S::HUP)?, s(S::USR1)?, s(S::USR2)?, s(S::WINCH)?],
-        })
+        }))
+    }
+
+    /// Signals that come only from the returned sender. Once every sender is dropped,
+    /// [`Signals::recv`] pends forever.
+    pub fn channel() -> (tokio::sync::mpsc::UnboundedSender<Sig>, Signals) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, Signals(Source::Channel(rx)))
+    }
+
+    /// Stops that come from a level conchd raises for every job at once: the first step
+    /// asks the run to end (SIGTERM, then the kill schedule), the second kills at once. A
+    /// `Signals` made after the level was raised still sees every step. Once the sender is
+    /// dropped, [`Signals::recv`] pends forever after the last step.
+    pub fn from_level(rx: tokio::sync::watch::Receiver<u32>) -> Signals {
+        Signals(Source::Level { rx, seen: 0 })
     }
 
     /// The next signal. Cancel-safe.
     pub async fn recv(&mut self) -> Sig {
-        let [(i, si), (t, st), (q, sq)] = &mut self.stop;
-        let [(h, sh), (u1, su1), (u2, su2), (w, sw)] = &mut self.forward;
+        let (stop, forward) = match &mut self.0 {
+            Source::Os { stop, forward } => (stop, forward),
+            Source::Channel(rx) => {
+                return match rx.recv().await {
+                    Some(sig) => sig,
+                    None => std::future::pending().await,
+                };
+            }
+            Source::Level { rx, seen } => loop {
+                if *rx.borrow_and_update() > *seen {
+                    *seen += 1;
+                    return Sig::Stop(rustix::process::Signal::TERM.as_raw());
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        };
+        let [(i, si), (t, st), (q, sq)] = stop;
+        let [(h, sh), (u1, su1), (u2, su2), (w, sw)] = forward;
         tokio::select! {
             _ = si.recv() => Sig::Stop(*i),
             _ = st.recv() => Sig::Stop(*t),

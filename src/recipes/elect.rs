@@ -192,6 +192,7 @@ async fn round(
         argv: cfg.cmd.clone(),
         env: env.clone(),
         cgroup_leaf: leaf("elect", &ctx),
+        output: None,
     };
     let mut tree = match Tree::spawn(containment, &cmd) {
         Ok(t) => t,
@@ -204,7 +205,7 @@ async fn round(
     };
     let started = BootInstant::now();
     hold_event!(info, ctx, "child-start", pid = tree.pid());
-    let end = hold::supervise(&mut lease, &mut tree, signals, &ctx, None).await;
+    let end = hold::supervise(&mut lease.view(), &mut tree, signals, &ctx, None).await;
     drop(tree);
     let ran = BootInstant::now() - started;
     let outcome = match end {
@@ -438,7 +439,7 @@ async fn run_hook_held(
     let mut tree = Tree::spawn(containment, &cmd)?;
     tracing::info!(name = %ctx.name, hook = kind, pid = tree.pid(), "hook-start");
     let end = hold::supervise(
-        lease,
+        &mut lease.view(),
         &mut tree,
         signals,
         ctx,
@@ -459,6 +460,7 @@ fn hook_command(
         argv: vec!["sh".into(), "-c".into(), hook.into()],
         env: env.to_vec(),
         cgroup_leaf: format!("{}-{kind}", leaf("elect", ctx)),
+        output: None,
     }
 }
 

@@ -96,7 +96,7 @@ pub async fn run(
     let give_up_at = cfg.wait.map(|w| since + w);
     let nonblock = cfg.wait == Some(Duration::ZERO);
     let queue = cfg.prefix.sema_queue(&cfg.name, cfg.max, cfg.spread);
-    let (mut lease, ctx) = loop {
+    let (lease, ctx) = loop {
         let lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
         let key = cfg
             .prefix
@@ -169,6 +169,7 @@ pub async fn run(
         argv: cfg.cmd.clone(),
         env: child_env(&cfg.node, &ctx),
         cgroup_leaf: leaf("sema", &ctx),
+        output: None,
     };
     let mut tree = match Tree::spawn(containment, &cmd) {
         Ok(t) => t,
@@ -179,7 +180,7 @@ pub async fn run(
         }
     };
     hold_event!(info, ctx, "child-start", pid = tree.pid());
-    let end = hold::supervise(&mut lease, &mut tree, signals, &ctx, None).await;
+    let end = hold::supervise(&mut lease.view(), &mut tree, signals, &ctx, None).await;
     drop(tree);
     Ok(match end {
         RunEnd::Lost(loss, _) => {

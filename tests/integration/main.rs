@@ -6,6 +6,7 @@
 mod harness;
 
 mod bad_input;
+mod cron;
 mod elect;
 mod elect_child;
 mod elect_query;

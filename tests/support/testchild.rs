@@ -2,7 +2,7 @@
 //!
 //! It appends one-line records to an append-only journal — `start`, a `beat` every 5 ms while
 //! it lives, `end` if it finishes by itself — with a `CLOCK_BOOTTIME` timestamp, its pid,
-//! `CONCH_NODE` and `CONCH_REV`, so a checker can prove that no two holders ran at once.
+//! `CONCH_NODE`, `CONCH_REV` (and for cron runs `CONCH_TICK`), so a checker can prove that no two holders ran at once.
 //! A process killed by a signal writes no `end`: its last `beat` bounds its life (to 5 ms).
 //!
 //! ```text
@@ -82,9 +82,13 @@ fn record(journal: &str, role: &str, event: &str) {
     let node = std::env::var("CONCH_NODE").unwrap_or_else(|_| "-".into());
     let rev = std::env::var("CONCH_REV").unwrap_or_else(|_| "-".into());
     let lease = std::env::var("CONCH_LEASE").unwrap_or_else(|_| "-".into());
+    // cron runs: the tick, so a checker can prove no tick ran twice.
+    let tick = std::env::var("CONCH_TICK")
+        .map(|t| format!(" tick={t}"))
+        .unwrap_or_default();
     // One write() per record on an O_APPEND file: records never interleave.
     let line = format!(
-        "{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}\n",
+        "{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}{tick}\n",
         now_ns()
     );
     let mut f = OpenOptions::new()

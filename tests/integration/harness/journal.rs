@@ -21,6 +21,8 @@ pub struct Record {
     /// `None` when the process ran without `CONCH_REV` (it must not).
     pub rev: Option<i64>,
     pub lease: String,
+    /// `CONCH_TICK` of a cron run.
+    pub tick: Option<String>,
 }
 
 /// The life of one holder's tree, from its records.
@@ -49,13 +51,14 @@ fn parse(line: &str) -> Option<Record> {
     let ns = f.next()?.parse().ok()?;
     let event = f.next()?.to_string();
     let role = f.next()?.to_string();
-    let (mut pid, mut node, mut rev, mut lease) = (None, None, None, String::new());
+    let (mut pid, mut node, mut rev, mut lease, mut tick) = (None, None, None, String::new(), None);
     for kv in f {
         match kv.split_once('=')? {
             ("pid", v) => pid = v.parse().ok(),
             ("node", v) => node = Some(v.to_string()),
             ("rev", v) => rev = Some(v.parse().ok()),
             ("lease", v) => lease = v.to_string(),
+            ("tick", v) => tick = Some(v.to_string()),
             _ => {}
         }
     }
@@ -67,6 +70,7 @@ fn parse(line: &str) -> Option<Record> {
         node: node?,
         rev: rev?,
         lease,
+        tick,
     })
 }
 
@@ -151,6 +155,37 @@ pub fn check(path: &Path, slots: usize) -> Verdict {
         }
     }
     verdict
+}
+
+/// cron: every tick ran at most once — exactly one direct child started per tick, and every
+/// record of a tick carries one rev and one node. Returns tick → (node, rev). Panics with
+/// the evidence otherwise.
+pub fn check_ticks(path: &Path) -> BTreeMap<String, (String, i64)> {
+    let records = read(path);
+    let mut starts: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    for r in &records {
+        let tick = r
+            .tick
+            .clone()
+            .unwrap_or_else(|| panic!("a cron run without CONCH_TICK: {r:?}"));
+        let rev = r
+            .rev
+            .unwrap_or_else(|| panic!("a cron run without CONCH_REV: {r:?}"));
+        let e = seen.entry(tick.clone()).or_insert((r.node.clone(), rev));
+        assert_eq!(
+            *e,
+            (r.node.clone(), rev),
+            "tick {tick} ran on two nodes or under two claims: {r:?} vs {e:?}"
+        );
+        if r.event == "start" && r.role == "child" {
+            starts.entry(tick).or_default().push(r);
+        }
+    }
+    for (tick, s) in &starts {
+        assert_eq!(s.len(), 1, "tick {tick} ran {} times: {s:#?}", s.len());
+    }
+    seen
 }
 
 /// Now on `CLOCK_BOOTTIME`, in ms: the journal's clock.

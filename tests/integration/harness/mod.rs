@@ -12,6 +12,7 @@
 pub mod cgroup;
 pub mod cluster;
 pub mod conch;
+pub mod cron;
 pub mod etcd;
 pub mod journal;
 pub mod proc;

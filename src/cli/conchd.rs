@@ -1,0 +1,136 @@
+//! `conch conchd`: the per-node cron daemon's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{GlobalArgs, args, exit, report, usage};
+use crate::conchd::{self, daemonize};
+use crate::cron::job::parse_labels;
+use crate::status::server::Listener;
+
+#[derive(Debug, Args)]
+pub struct ConchdArgs {
+    /// Serve the read-only status API and page here (e.g. 127.0.0.1:7480) [default: off].
+    #[arg(long, env = "CONCH_STATUS_ADDR")]
+    status_addr: Option<SocketAddr>,
+    /// This node's labels, k=v[,k=v], matched against jobs' --node-selector.
+    #[arg(long, env = "CONCH_LABELS", default_value = "")]
+    labels: String,
+    /// On SIGTERM, let running jobs finish for this long, then stop them.
+    #[arg(long, env = "CONCH_DRAIN_TIMEOUT", default_value = "30s", value_parser = args::duration)]
+    drain_timeout: Duration,
+    /// Grace between SIGTERM and SIGKILL for a job that is stopped (capped by the hold deadline).
+    #[arg(long, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
+    kill_after: Duration,
+    /// Detach from the terminal (for hosts with no supervisor); needs --pidfile.
+    #[arg(long, requires = "pidfile")]
+    daemonize: bool,
+    /// Write conchd's pid here; refuse to start while it names a live conchd.
+    #[arg(long, env = "CONCH_PIDFILE")]
+    pidfile: Option<PathBuf>,
+    /// With --daemonize: append conchd's log (and job output) here [default: discarded].
+    #[arg(long, requires = "daemonize")]
+    log_file: Option<PathBuf>,
+}
+
+pub async fn run(g: &GlobalArgs, a: ConchdArgs) -> u8 {
+    let labels = match parse_labels(&a.labels) {
+        Ok(l) => l,
+        Err(e) => return usage(format!("bad --labels: {e}")),
+    };
+    let ttl = g.effective_ttl();
+    if let Err(e) = crate::hold::deadline::Timing::derive(ttl, a.kill_after) {
+        return usage(e);
+    }
+    let (prefix, node, etcd_cfg) = match (g.prefix(), g.node(), g.etcd_config()) {
+        (Ok(p), Ok(n), Ok(c)) => (p, n, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return usage(e),
+    };
+    let detached = std::env::var_os(daemonize::DETACHED_ENV).is_some();
+    if a.daemonize && !detached {
+        let pidfile = a.pidfile.as_deref().expect("clap requires --pidfile");
+        return match daemonize::detach(pidfile, a.log_file.as_deref()) {
+            Ok(pid) => {
+                eprintln!("conch: conchd started in the background as pid {pid}");
+                exit::OK
+            }
+            Err(e @ daemonize::DaemonizeError::Running { .. }) => {
+                report(&e);
+                exit::NOT_ACQUIRED
+            }
+            Err(e) => {
+                report(&e);
+                exit::UNAVAILABLE
+            }
+        };
+    }
+    let _pidfile = match &a.pidfile {
+        Some(p) => match daemonize::write_pidfile(p) {
+            Ok(guard) => Some(guard),
+            Err(e @ daemonize::DaemonizeError::Running { .. }) => {
+                report(&e);
+                return exit::NOT_ACQUIRED;
+            }
+            Err(e) => {
+                report(&e);
+                return exit::UNAVAILABLE;
+            }
+        },
+        None => None,
+    };
+    let status = match a.status_addr.map(Listener::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("conch: cannot listen on --status-addr: {e}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    let containment = match g.containment() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    if let Some(root) = &containment.cgroup_root {
+        enter_own_cgroup(root);
+    }
+    let signals = match crate::hold::signals::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            report(&e);
+            return exit::UNAVAILABLE;
+        }
+    };
+    let etcd = match g.connect(&etcd_cfg).await {
+        Ok(e) => e,
+        Err(e) => {
+            report(&e);
+            return exit::UNAVAILABLE;
+        }
+    };
+    let cfg = conchd::Config {
+        node,
+        labels,
+        prefix,
+        ttl,
+        grace: a.kill_after,
+        drain_timeout: a.drain_timeout,
+        containment,
+        json_output: g.log_format == super::global::LogFormat::Json,
+        status,
+    };
+    conchd::run(etcd, cfg, signals).await;
+    exit::OK
+}
+
+/// conchd puts itself under `<cgroup-root>/conchd` (primitives.md), beside its jobs'
+/// cgroups. Best effort: a conchd that cannot move itself still contains its jobs.
+fn enter_own_cgroup(root: &std::path::Path) {
+    let dir = root.join("conchd");
+    let r =
+        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("cgroup.procs"), "0\n"));
+    if let Err(e) = r {
+        tracing::warn!(cgroup = %dir.display(), error = %e, "conchd cannot move itself into its own cgroup");
+    }
+}

@@ -1,0 +1,344 @@
+//! `conch cron` + `conch conchd` against a real etcd: several conchd processes (distinct
+//! `--node`) on this host race for every tick; the journal of `conch-testchild` proves that
+//! no tick ran twice, and the records in etcd that each tick was decided once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::harness::cron::status;
+use crate::harness::journal::{self, testchild};
+use crate::harness::{Ctx, Running, Signal, alive, wait_for, wait_until};
+
+/// `conch cron add <job> --schedule <s> [extra…] -- conch-testchild --journal J [child…]`.
+fn add(ctx: &Ctx, job: &str, schedule: &str, extra: &[&str], child: &[&str]) {
+    let j = journal::path_in(&ctx.dir);
+    let mut args: Vec<String> = vec![
+        "add".into(),
+        job.into(),
+        "--schedule".into(),
+        schedule.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([
+        "--".into(),
+        testchild().into(),
+        "--journal".into(),
+        j.to_string_lossy().into(),
+    ]);
+    args.extend(child.iter().map(|s| s.to_string()));
+    ctx.cron(&args).run().expect_code(0);
+}
+
+fn start_nodes(ctx: &Ctx, nodes: &[&str]) -> Vec<Running> {
+    nodes.iter().map(|n| ctx.conchd(n).spawn()).collect()
+}
+
+/// Waits until every conchd registered under node/.
+fn wait_registered(ctx: &Ctx, n: usize) {
+    let dir = format!("{}/v1/node/", ctx.prefix);
+    assert!(
+        wait_until(Duration::from_secs(15), || ctx.etcd.get_prefix(&dir).len()
+            >= n),
+        "{n} conchd did not register: {:?}",
+        ctx.etcd.get_prefix(&dir)
+    );
+}
+
+fn stop_all(nodes: &mut [Running]) {
+    for n in nodes.iter() {
+        n.signal(Signal::TERM);
+    }
+    for n in nodes.iter_mut() {
+        let out = n.wait_timeout(Duration::from_secs(20));
+        assert_eq!(
+            out.code,
+            Some(0),
+            "conchd did not stop cleanly: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn three_nodes_run_each_tick_of_a_per_second_job_exactly_once() {
+    let ctx = Ctx::new("cron-3x1s");
+    let mut nodes = start_nodes(&ctx, &["n1", "n2", "n3"]);
+    wait_registered(&ctx, 3);
+    add(&ctx, "beat", "@every 1s", &[], &["--run", "300ms"]);
+    ctx.wait_results("beat", 30, Duration::from_secs(60));
+    stop_all(&mut nodes);
+    let results = ctx.results("beat");
+    let ticks: Vec<i64> = results.iter().map(|(t, _)| *t).collect();
+    // Every tick from the first to the last was decided, each exactly once (a key per tick).
+    let (first, last) = (ticks[0], *ticks.last().unwrap());
+    assert_eq!(
+        ticks,
+        (first..=last).collect::<Vec<_>>(),
+        "a tick has no result"
+    );
+    let runs: Vec<&(i64, serde_json::Value)> =
+        results.iter().filter(|(_, v)| status(v) == "ok").collect();
+    for (t, v) in &results {
+        assert!(matches!(status(v), "ok" | "missed"), "tick {t}: {v}");
+        assert_eq!(
+            v["tick"].as_str().unwrap(),
+            crate::harness::cron::rfc3339(*t)
+        );
+    }
+    assert!(
+        runs.len() >= 28,
+        "only {} of {} ticks ran: {results:#?}",
+        runs.len(),
+        results.len()
+    );
+    // The journal: no tick ran twice, each on the node its result names.
+    let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
+    for (t, v) in &runs {
+        let (node, rev) = ran
+            .get(&crate::harness::cron::rfc3339(*t))
+            .unwrap_or_else(|| panic!("tick {t} has an ok result but never ran"));
+        assert_eq!(v["node"].as_str().unwrap(), node);
+        assert_eq!(v["rev"].as_i64().unwrap(), *rev);
+    }
+    // More than one node took ticks: the race is real, not a single scheduler.
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for (node, _) in ran.values() {
+        *per_node.entry(node.clone()).or_default() += 1;
+    }
+    assert!(per_node.len() >= 2, "one node ran everything: {per_node:?}");
+}
+
+#[test]
+fn a_five_second_job_runs_once_per_tick_not_once_per_node() {
+    let ctx = Ctx::new("cron-3x5s");
+    let mut nodes = start_nodes(&ctx, &["a", "b", "c"]);
+    wait_registered(&ctx, 3);
+    add(&ctx, "five", "@every 5s", &[], &["--run", "100ms"]);
+    let results = ctx.wait_results("five", 3, Duration::from_secs(30));
+    stop_all(&mut nodes);
+    let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
+    assert!(ran.len() >= 3);
+    for (t, v) in &results {
+        assert_eq!(t % 5, 0, "@every 5s ticks are anchored to the epoch: {t}");
+        assert_eq!(status(v), "ok", "{v}");
+    }
+    // Every start is a distinct tick: 3 ticks → 3 runs, never 9.
+    let starts = journal::read(&journal::path_in(&ctx.dir))
+        .into_iter()
+        .filter(|r| r.event == "start" && r.role == "child")
+        .count();
+    assert_eq!(starts, ran.len());
+}
+
+#[test]
+fn run_ttl_kills_the_tree_and_records_killed() {
+    let ctx = Ctx::new("cron-ttl");
+    let mut nodes = start_nodes(&ctx, &["n1"]);
+    wait_registered(&ctx, 1);
+    add(
+        &ctx,
+        "long",
+        "@every 3s",
+        &["--run-ttl", "1s", "--overlap", "forbid"],
+        &["--run", "30s", "--ignore-term", "--grandchildren", "1"],
+    );
+    let results = ctx.wait_results("long", 1, Duration::from_secs(20));
+    let (_, v) = &results[0];
+    assert_eq!(status(v), "killed", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("--run-ttl"), "{v}");
+    let d: f64 = v["duration"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    // SIGTERM at 1s is ignored; SIGKILL after --kill-after 1s: dead by ~2s.
+    assert!((0.9..4.0).contains(&d), "duration {d}");
+    stop_all(&mut nodes);
+    // Nothing of the tree survived.
+    for r in journal::read(&journal::path_in(&ctx.dir)) {
+        assert!(!alive(r.pid), "pid {} of a killed run still lives", r.pid);
+    }
+}
+
+#[test]
+fn manual_run_runs_exactly_once_and_a_paused_job_does_not_fire() {
+    let ctx = Ctx::new("cron-manual");
+    let mut nodes = start_nodes(&ctx, &["n1", "n2", "n3"]);
+    wait_registered(&ctx, 3);
+    // A schedule that will not fire during the test (once a year).
+    add(&ctx, "adhoc", "@yearly", &[], &["--run", "100ms"]);
+    let out = ctx.cron(["run", "adhoc"]).run();
+    out.expect_code(0);
+    assert!(out.stderr.contains("taken by"), "{}", out.stderr);
+    let results = ctx.wait_results("adhoc", 1, Duration::from_secs(10));
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].1["manual"], true);
+    assert_eq!(status(&results[0].1), "ok");
+    // No trigger is left behind.
+    assert!(
+        ctx.etcd
+            .get_prefix(&format!("{}/v1/cron/trigger/", ctx.prefix))
+            .is_empty()
+    );
+
+    // Paused: a per-second job does not fire.
+    add(&ctx, "quiet", "@every 1s", &[], &["--run", "100ms"]);
+    ctx.wait_results("quiet", 1, Duration::from_secs(10));
+    ctx.cron(["pause", "quiet"]).run().expect_code(0);
+    // Let any run in flight land, then nothing more may come for 3 ticks.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = ctx.results("quiet").len();
+    assert!(
+        wait_for(Duration::from_secs(3), || (ctx.results("quiet").len()
+            > before)
+            .then_some(()))
+        .is_none(),
+        "a paused job fired"
+    );
+    ctx.cron(["resume", "quiet"]).run().expect_code(0);
+    ctx.wait_results("quiet", before + 1, Duration::from_secs(10));
+    stop_all(&mut nodes);
+    let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
+    assert!(ran.len() >= 3);
+}
+
+#[test]
+fn overlap_forbid_skips_ticks_while_a_run_lasts_longer_than_the_period() {
+    let ctx = Ctx::new("cron-forbid");
+    let mut nodes = start_nodes(&ctx, &["n1", "n2"]);
+    wait_registered(&ctx, 2);
+    add(
+        &ctx,
+        "slow",
+        "@every 1s",
+        &["--overlap", "forbid"],
+        &["--run", "2500ms"],
+    );
+    let results = wait_for(Duration::from_secs(30), || {
+        let r = ctx.results("slow");
+        (r.iter().filter(|(_, v)| status(v) == "ok").count() >= 2).then_some(r)
+    })
+    .expect("two runs of slow");
+    stop_all(&mut nodes);
+    let skipped = results
+        .iter()
+        .filter(|(_, v)| status(v) == "skipped")
+        .count();
+    assert!(skipped >= 2, "no tick was skipped: {results:#?}");
+    // No two runs overlapped: the journal holds at most one tree at a time.
+    let v = journal::check(&journal::path_in(&ctx.dir), 1);
+    assert_eq!(v.max_overlap_ms, 0.0);
+    // The running key is gone with the run.
+    assert!(
+        ctx.etcd
+            .get_prefix(&format!("{}/v1/cron/running/", ctx.prefix))
+            .is_empty()
+    );
+}
+
+#[test]
+fn node_selector_restricts_which_nodes_run_a_job() {
+    let ctx = Ctx::new("cron-selector");
+    let mut nodes = vec![
+        ctx.conchd("web1").args(["--labels", "role=web"]).spawn(),
+        ctx.conchd("db1")
+            .args(["--labels", "role=db,zone=eu"])
+            .spawn(),
+        ctx.conchd("db2")
+            .args(["--labels", "role=db,zone=us"])
+            .spawn(),
+    ];
+    wait_registered(&ctx, 3);
+    add(
+        &ctx,
+        "dbonly",
+        "@every 1s",
+        &["--node-selector", "role=db,zone=eu"],
+        &["--run", "100ms"],
+    );
+    ctx.wait_results("dbonly", 5, Duration::from_secs(20));
+    stop_all(&mut nodes);
+    for (t, v) in ctx.results("dbonly") {
+        if status(&v) == "ok" {
+            assert_eq!(
+                v["node"], "db1",
+                "tick {t} ran on a node the selector excludes"
+            );
+        }
+    }
+}
+
+#[test]
+fn restart_claims_no_past_tick_and_rm_lets_a_run_finish() {
+    let ctx = Ctx::new("cron-restart");
+    let mut nodes = start_nodes(&ctx, &["n1"]);
+    wait_registered(&ctx, 1);
+    let marker = ctx.path("go");
+    add(
+        &ctx,
+        "job",
+        "@every 2s",
+        &["--starting-deadline", "1s"],
+        &["--until-file", &marker.to_string_lossy()],
+    );
+    // The first run waits for the marker; rm the job while it runs.
+    let first = wait_for(Duration::from_secs(10), || {
+        ctx.fires("job").into_iter().next()
+    })
+    .expect("a claim");
+    ctx.cron(["rm", "job"]).run().expect_code(0);
+    ctx.touch("go");
+    // The run finishes (its journal ends), and conchd clears the removed job's history.
+    assert!(wait_until(Duration::from_secs(10), || journal::read(
+        &journal::path_in(&ctx.dir)
+    )
+    .iter()
+    .any(|r| r.event == "end")));
+    assert!(wait_until(Duration::from_secs(10), || ctx
+        .fires("job")
+        .is_empty()
+        && ctx.results("job").is_empty()));
+    stop_all(&mut nodes);
+    let _ = first;
+
+    // Restart claims no past tick: ticks decided before the stop stay decided once, and the
+    // ticks while no conchd ran beyond the starting deadline are recorded missed, not run.
+    add(
+        &ctx,
+        "again",
+        "@every 1s",
+        &["--starting-deadline", "1s"],
+        &["--run", "100ms"],
+    );
+    let mut n1 = start_nodes(&ctx, &["n1"]);
+    ctx.wait_results("again", 2, Duration::from_secs(15));
+    stop_all(&mut n1);
+    let stopped_at = crate::harness::cron::now_unix();
+    std::thread::sleep(Duration::from_secs(4));
+    let mut n1 = start_nodes(&ctx, &["n1"]);
+    let restarted_at = crate::harness::cron::now_unix();
+    let after = wait_for(Duration::from_secs(15), || {
+        let r = ctx.results("again");
+        r.iter()
+            .any(|(t, v)| *t > restarted_at && status(v) == "ok")
+            .then_some(r)
+    })
+    .expect("runs after the restart");
+    stop_all(&mut n1);
+    let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
+    for (t, v) in &after {
+        if *t > stopped_at && *t + 1 < restarted_at {
+            assert_eq!(status(v), "missed", "tick {t} while conchd was down: {v}");
+            assert!(
+                !ran.contains_key(&crate::harness::cron::rfc3339(*t)),
+                "a past tick ran"
+            );
+        }
+    }
+    let missed = after.iter().filter(|(_, v)| status(v) == "missed").count();
+    assert!(
+        missed >= 1,
+        "the gap was not recorded as missed: {after:#?}"
+    );
+}
