@@ -342,7 +342,8 @@ async fn execute(
     let started = BootInstant::now();
     // Spawning blocks until the child has exec'd: keep it off the scheduler's thread.
     let spawned = tokio::task::spawn_blocking(move || Tree::spawn(&containment, &cmd)).await;
-    let lag = started_ms - tick * 1000 - job.jitter_offset().as_millis() as i64;
+    // Tick lag: from the tick (plus jitter) to the child having exec'd.
+    let lag = sh.clock.now_ms() - tick * 1000 - job.jitter_offset().as_millis() as i64;
     sh.metrics.tick_lag.observe_ms(lag.max(0) as u64);
     result.started = Some(rfc3339_utc_ms(started_ms));
     let mut tree = match spawned {

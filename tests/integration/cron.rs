@@ -342,3 +342,35 @@ fn restart_claims_no_past_tick_and_rm_lets_a_run_finish() {
         "the gap was not recorded as missed: {after:#?}"
     );
 }
+
+#[test]
+fn job_output_goes_to_conchds_stderr_prefixed_with_the_job_name() {
+    let ctx = Ctx::new("cron-output");
+    let mut nodes = start_nodes(&ctx, &["n1"]);
+    wait_registered(&ctx, 1);
+    ctx.cron([
+        "add",
+        "greet",
+        "--schedule",
+        "@yearly",
+        "--",
+        "sh",
+        "-c",
+        "echo out-line $CONCH_NAME; echo err-line >&2; echo tick=$CONCH_TICK",
+    ])
+    .run()
+    .expect_code(0);
+    ctx.cron(["run", "greet"]).run().expect_code(0);
+    let results = ctx.wait_results("greet", 1, Duration::from_secs(10));
+    assert_eq!(status(&results[0].1), "ok");
+    stop_all(&mut nodes);
+    let err = nodes[0].stderr();
+    assert!(err.contains("greet: out-line greet"), "{err}");
+    assert!(err.contains("greet: err-line"), "{err}");
+    let tick = crate::harness::cron::rfc3339(results[0].0);
+    assert!(err.contains(&format!("greet: tick={tick}")), "{err}");
+    // Output is never stored in etcd (only the job spec holds the command's text).
+    for kv in ctx.keys().iter().filter(|kv| !kv.key.contains("/v1/cron/job/")) {
+        assert!(!kv.value.contains("out-line"), "{kv:?}");
+    }
+}
