@@ -370,7 +370,11 @@ fn job_output_goes_to_conchds_stderr_prefixed_with_the_job_name() {
     let tick = crate::harness::cron::rfc3339(results[0].0);
     assert!(err.contains(&format!("greet: tick={tick}")), "{err}");
     // Output is never stored in etcd (only the job spec holds the command's text).
-    for kv in ctx.keys().iter().filter(|kv| !kv.key.contains("/v1/cron/job/")) {
+    for kv in ctx
+        .keys()
+        .iter()
+        .filter(|kv| !kv.key.contains("/v1/cron/job/"))
+    {
         assert!(!kv.value.contains("out-line"), "{kv:?}");
     }
 }
