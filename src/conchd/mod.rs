@@ -153,6 +153,7 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
     let mut aux: JoinSet<()> = JoinSet::new();
     let mut pending_triggers: HashMap<Name, Vec<TriggerRef>> = HashMap::new();
     let mut triggers_in_flight: HashSet<String> = HashSet::new();
+    let mut had_session = false;
 
     let stop_signal = loop {
         metrics.jobs.store(table.len() as u64, Relaxed);
@@ -288,7 +289,21 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
                 }
             }
             Some(_) = aux.join_next(), if !aux.is_empty() => {}
-            _ = session_rx.changed() => {}
+            _ = session_rx.changed() => {
+                // Back from a time without a provable hold: ticks this node could not claim
+                // meanwhile may be undecided. Look back (misses are recorded once).
+                let back = session_rx.borrow_and_update().is_some();
+                if back && had_session {
+                    let jobs: Vec<_> = table.names().filter_map(|n| table.get(n).cloned()).collect();
+                    let sh = sh.clone();
+                    aux.spawn(async move {
+                        for job in jobs {
+                            lookback(&sh, &job).await;
+                        }
+                    });
+                }
+                had_session |= back;
+            }
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 if let Some(n) = &notify {
                     n.send("WATCHDOG=1");

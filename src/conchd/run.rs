@@ -97,6 +97,9 @@ pub async fn tick(
         .saturating_add(job.jitter_offset().as_millis() as i64)
         .saturating_add(job.starting_deadline.as_millis() as i64);
     let mut retry = CLAIM_RETRY_START;
+    // The first attempt's claim time names every retry of this claim: an attempt that
+    // committed but whose answer was lost is then recognised as ours (store::claim).
+    let first_attempt_ms = sh.clock.now_ms();
     loop {
         let now_ms = sh.clock.now_ms();
         if !manual && now_ms > deadline_ms {
@@ -115,7 +118,7 @@ pub async fn tick(
             node: sh.node.clone(),
             lease: session.lease.to_string(),
             decision: Decision::Run,
-            claimed: rfc3339_utc_ms(now_ms),
+            claimed: rfc3339_utc_ms(first_attempt_ms),
             manual,
         };
         let skipped = ResultRecord {
