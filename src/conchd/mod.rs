@@ -93,6 +93,7 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
         stop_level: stop_rx,
         stopping: stopping.clone(),
         json_output: cfg.json_output,
+        runs_since_prune: Default::default(),
     });
 
     // The owned background tasks.

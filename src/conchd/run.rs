@@ -32,6 +32,9 @@ use crate::keys::{Revision, rfc3339_utc, rfc3339_utc_ms};
 pub const KEEP_RESULTS: i64 = 100;
 pub const KEEP_FOR: Duration = Duration::from_secs(14 * 24 * 3600);
 
+/// A node prunes a job's history on its first run of it and then after every this many.
+const PRUNE_EVERY: u32 = 10;
+
 /// Retries of a claim that failed on etcd, while the tick can still be claimed.
 const CLAIM_RETRY_START: Duration = Duration::from_millis(200);
 const CLAIM_RETRY_CAP: Duration = Duration::from_secs(2);
@@ -58,6 +61,8 @@ pub struct Shared {
     /// Set when conchd stops: result writes become bounded.
     pub stopping: CancellationToken,
     pub json_output: bool,
+    /// Runs of each job on this node since its history was last pruned here.
+    pub runs_since_prune: std::sync::Mutex<std::collections::HashMap<crate::keys::Name, u32>>,
 }
 
 /// A manual run's trigger: its key and create revision.
@@ -298,9 +303,19 @@ async fn run(sh: &Shared, session: &Session, job: &Job, tick: i64, rev: i64, man
         // It is on conchd's lease: it goes when the lease does.
         tracing::warn!(name = %name, error = %e, "cannot remove the running key");
     }
-    // Retention, now and then: every 10th revision, so some node prunes every job regularly
-    // without any coordination.
-    if rev % 10 == 0 {
+    // Retention: on this node's first run of the job, then every PRUNE_EVERY-th — each
+    // node prunes the jobs it runs, no coordination needed (range deletes are idempotent).
+    let due = {
+        let mut counts = sh
+            .runs_since_prune
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let c = counts.entry(name.clone()).or_insert(0);
+        let due = (*c).is_multiple_of(PRUNE_EVERY);
+        *c += 1;
+        due
+    };
+    if due {
         let now_s = sh.clock.now_ms() / 1000;
         let min_tick = now_s - KEEP_FOR.as_secs() as i64;
         let floor = now_s - job.starting_deadline.as_secs() as i64 - 60;

@@ -378,3 +378,117 @@ fn job_output_goes_to_conchds_stderr_prefixed_with_the_job_name() {
         assert!(!kv.value.contains("out-line"), "{kv:?}");
     }
 }
+
+#[test]
+fn sigterm_drains_runs_then_stops_them_writes_results_and_revokes() {
+    let ctx = Ctx::new("cron-drain");
+    // A run that finishes within the drain: conchd waits for it.
+    let mut n1 = ctx.conchd("n1").args(["--drain-timeout", "20s"]).spawn();
+    wait_registered(&ctx, 1);
+    add(&ctx, "short", "@yearly", &[], &["--run", "1500ms"]);
+    ctx.cron(["run", "short"]).run().expect_code(0);
+    let j = journal::path_in(&ctx.dir);
+    assert!(wait_until(Duration::from_secs(10), || !journal::read(&j).is_empty()));
+    n1.signal(Signal::TERM);
+    let out = n1.wait_timeout(Duration::from_secs(20));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let r = ctx.results("short");
+    assert_eq!(r.len(), 1);
+    assert_eq!(status(&r[0].1), "ok", "the run was cut short: {}", r[0].1);
+    assert!(journal::read(&j).iter().any(|r| r.event == "end"));
+    // Revoked: the node key went with the lease.
+    assert!(
+        ctx.etcd
+            .get_prefix(&format!("{}/v1/node/", ctx.prefix))
+            .is_empty()
+    );
+
+    // A run that outlasts the drain (and ignores SIGTERM): stopped, recorded killed.
+    let mut n1 = ctx.conchd("n1").args(["--drain-timeout", "1s"]).spawn();
+    wait_registered(&ctx, 1);
+    add(
+        &ctx,
+        "long",
+        "@yearly",
+        &[],
+        &["--run", "60s", "--ignore-term", "--grandchildren", "1"],
+    );
+    ctx.cron(["run", "long"]).run().expect_code(0);
+    assert!(wait_until(Duration::from_secs(10), || ctx
+        .fires("long")
+        .len()
+        == 1
+        && journal::read(&j).iter().any(|r| r.role == "grandchild")));
+    let stopped = std::time::Instant::now();
+    n1.signal(Signal::TERM);
+    let out = n1.wait_timeout(Duration::from_secs(20));
+    let took = stopped.elapsed();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // drain 1s + kill-after 1s, plus result and revoke.
+    assert!(
+        took < Duration::from_secs(6),
+        "conchd took {took:?} to stop"
+    );
+    let r = ctx.results("long");
+    assert_eq!(status(&r[0].1), "killed", "{}", r[0].1);
+    assert!(
+        r[0].1["reason"].as_str().unwrap().contains("drain"),
+        "{}",
+        r[0].1
+    );
+    for rec in journal::read(&j) {
+        assert!(!alive(rec.pid), "pid {} outlived conchd", rec.pid);
+    }
+    assert!(
+        ctx.etcd
+            .get_prefix(&format!("{}/v1/node/", ctx.prefix))
+            .is_empty()
+    );
+}
+
+#[test]
+fn retention_keeps_the_newest_hundred_results_and_nothing_older_than_fourteen_days() {
+    let ctx = Ctx::new("cron-retention");
+    let now = crate::harness::cron::now_unix();
+    let key = |kind: &str, t: i64| format!("{}/v1/cron/{kind}/keep/{t:012}", ctx.prefix);
+    // 120 results from the last day, and 5 from 15 days ago, as conchd would have written.
+    let recent: Vec<i64> = (0..120).map(|i| now - 3600 - i * 60).collect();
+    let ancient: Vec<i64> = (0..5).map(|i| now - 15 * 86_400 - i * 60).collect();
+    for t in recent.iter().chain(&ancient) {
+        let tick = crate::harness::cron::rfc3339(*t);
+        ctx.etcd.put(&key("fire", *t), r#"{"node":"old","lease":"","decision":"run","claimed":"2026-01-01T00:00:00.000Z","manual":false}"#);
+        ctx.etcd.put(
+            &key("result", *t),
+            &format!(r#"{{"tick":"{tick}","node":"old","status":"ok","exit":0,"manual":false}}"#),
+        );
+    }
+    let mut nodes = start_nodes(&ctx, &["n1"]);
+    wait_registered(&ctx, 1);
+    add(&ctx, "keep", "@every 1s", &[], &["--run", "50ms"]);
+    // The node's first run of the job prunes its history.
+    assert!(
+        wait_until(Duration::from_secs(15), || ctx.results("keep").len() <= 100),
+        "history not pruned: {} results",
+        ctx.results("keep").len()
+    );
+    stop_all(&mut nodes);
+    let results: Vec<i64> = ctx.results("keep").iter().map(|(t, _)| *t).collect();
+    let fires: Vec<i64> = ctx.fires("keep").iter().map(|(t, _)| *t).collect();
+    let cutoff = now - 14 * 86_400;
+    assert!(
+        results.iter().chain(&fires).all(|t| *t > cutoff),
+        "a tick older than 14 days survived"
+    );
+    // The oldest of the recent ones went (both keys of a tick), the newest stayed.
+    let oldest_kept = *results.iter().min().unwrap();
+    assert!(oldest_kept > recent[119], "the oldest result was kept");
+    assert!(
+        results.contains(&recent[0]),
+        "the newest planted result was pruned"
+    );
+    assert_eq!(
+        fires.iter().filter(|t| **t < oldest_kept).count(),
+        0,
+        "claims older than the kept results remain: {fires:?}"
+    );
+}
