@@ -89,19 +89,19 @@ struct AddArgs {
     #[arg(long)]
     tz: Option<String>,
     /// Kill a run still going after this long (SIGTERM, then SIGKILL).
-    #[arg(long, default_value = "10m")]
+    #[arg(long, default_value = "10m", allow_hyphen_values = true)]
     run_ttl: String,
     /// forbid: skip a tick (recorded skipped) while the previous run still runs anywhere.
     #[arg(long, value_enum, default_value = "allow")]
     overlap: OverlapArg,
     /// A tick not started within this long of its time is not run, and recorded missed.
-    #[arg(long, default_value = "1m")]
+    #[arg(long, default_value = "1m", allow_hyphen_values = true)]
     starting_deadline: String,
     /// k=v[,k=v]: only conchd nodes whose --labels match race for the ticks.
     #[arg(long, default_value = "")]
     node_selector: String,
     /// Start up to this long after each tick, at an offset derived from the job name.
-    #[arg(long, default_value = "0s")]
+    #[arg(long, default_value = "0s", allow_hyphen_values = true)]
     jitter: String,
     /// The command (after --), run by whichever conchd wins each tick.
     #[arg(last = true, value_name = "CMD")]

@@ -87,8 +87,7 @@ pub fn detach(pidfile: &Path, log_file: Option<&Path>) -> Result<i32, DaemonizeE
         .env(DETACHED_ENV, "1")
         .stdin(Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .process_group(0);
+        .stderr(err);
     let child = cmd.spawn().map_err(DaemonizeError::Spawn)?;
     let pid = child.id() as i32;
     let started = Instant::now();
@@ -104,7 +103,11 @@ pub fn detach(pidfile: &Path, log_file: Option<&Path>) -> Result<i32, DaemonizeE
 /// In the detached child: new session, then write the pidfile (exclusively, so two starts
 /// racing cannot both win). Returns a guard that removes the pidfile when dropped.
 pub fn write_pidfile(path: &Path) -> Result<PidFile, DaemonizeError> {
-    let _ = rustix::process::setsid();
+    // Only the detached child leaves its session (it is no group leader, so setsid works); a
+    // foreground conchd with --pidfile stays where its supervisor or shell put it.
+    if std::env::var_os(DETACHED_ENV).is_some() {
+        let _ = rustix::process::setsid();
+    }
     if let Some(pid) = live_pid(path)
         && pid != std::process::id() as i32
     {

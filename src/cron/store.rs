@@ -193,6 +193,7 @@ impl Store {
     }
 
     /// The newest `limit` keys of a tick directory, newest first: (tick, value, create rev).
+    /// Keys that are not ticks (another tool's) are skipped without taking a tick's place.
     async fn newest(
         &self,
         what: &'static str,
@@ -200,27 +201,35 @@ impl Store {
         limit: i64,
         keys_only: bool,
     ) -> Result<Vec<(i64, Vec<u8>, i64)>, CallError> {
-        let r = self
-            .etcd
-            .retry(what, |mut c| {
-                let mut opts = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Key, SortOrder::Descend)
-                    .with_limit(limit);
-                if keys_only {
-                    opts = opts.with_keys_only();
-                }
-                let d = dir.clone();
-                async move { c.get(d, Some(opts)).await }
-            })
-            .await?;
-        Ok(r.kvs()
-            .iter()
-            .filter_map(|kv| {
+        let mut end = prefix_end(&dir);
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .etcd
+                .retry(what, |mut c| {
+                    let mut opts = GetOptions::new()
+                        .with_range(end.clone())
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(limit);
+                    if keys_only {
+                        opts = opts.with_keys_only();
+                    }
+                    let d = dir.clone();
+                    async move { c.get(d, Some(opts)).await }
+                })
+                .await?;
+            out.extend(r.kvs().iter().filter_map(|kv| {
                 let tick = parse_tick_key(std::str::from_utf8(&kv.key()[dir.len()..]).ok()?)?;
                 Some((tick, kv.value().to_vec(), kv.create_revision()))
-            })
-            .collect())
+            }));
+            // Foreign keys took part of the page: read on below the lowest key seen.
+            match r.kvs().last() {
+                Some(kv) if r.more() && (out.len() as i64) < limit => end = kv.key().to_vec(),
+                _ => break,
+            }
+        }
+        out.truncate(limit.max(0) as usize);
+        Ok(out)
     }
 
     /// A job's newest results, newest first. Unreadable values come back as `None`.
