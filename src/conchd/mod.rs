@@ -236,12 +236,12 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
                         }
                     }
                 }
-                let jobs: Vec<_> = new.iter().filter_map(|n| table.get(n).cloned()).collect();
+                let jobs = lookback_set(&table, new.iter());
                 if !jobs.is_empty() {
                     let sh = sh.clone();
                     aux.spawn(async move {
-                        for job in jobs {
-                            lookback(&sh, &job).await;
+                        for (job, below) in jobs {
+                            lookback(&sh, &job, below).await;
                         }
                     });
                 }
@@ -295,11 +295,11 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
                 // meanwhile may be undecided. Look back (misses are recorded once).
                 let back = session_rx.borrow_and_update().is_some();
                 if back && had_session {
-                    let jobs: Vec<_> = table.names().filter_map(|n| table.get(n).cloned()).collect();
+                    let jobs = lookback_set(&table, table.names());
                     let sh = sh.clone();
                     aux.spawn(async move {
-                        for job in jobs {
-                            lookback(&sh, &job).await;
+                        for (job, below) in jobs {
+                            lookback(&sh, &job, below).await;
                         }
                     });
                 }
@@ -417,9 +417,23 @@ fn start_manual(
     });
 }
 
-/// Record the ticks of `job` that nobody decided before their starting deadline passed
-/// (all conchd were down, or etcd was): each at most once, the newest [`LOOKBACK_MAX`].
-async fn lookback(sh: &Shared, job: &crate::cron::job::Job) {
+/// The jobs named by `names` with the tick each one's lookback stops before: the next tick
+/// the table hands out (that one and later ones are the table's to decide).
+fn lookback_set<'a>(
+    table: &Table,
+    names: impl Iterator<Item = &'a Name>,
+) -> Vec<(Arc<crate::cron::job::Job>, Option<i64>)> {
+    names
+        .filter_map(|n| table.get(n).map(|j| (j.clone(), table.next_tick(n))))
+        .collect()
+}
+
+/// Record the ticks of `job` before `below` (the table's next tick; `None`: no bound) that
+/// nobody decided before their starting deadline passed (all conchd were down, or etcd was):
+/// each at most once, the newest [`LOOKBACK_MAX`]. Ticks older than the newest claim before
+/// `below` count as decided: a claim at or after `below` may be one this conchd's table made
+/// a moment ago, and must not hide the undecided ticks before it.
+async fn lookback(sh: &Shared, job: &crate::cron::job::Job, below: Option<i64>) {
     if job.spec.paused {
         return;
     }
@@ -428,12 +442,23 @@ async fn lookback(sh: &Shared, job: &crate::cron::job::Job) {
     let sd = job.starting_deadline.as_secs() as i64;
     let jitter = job.jitter_offset().as_millis() as i64;
     // Ticks whose start deadline has passed: t*1000 + jitter + sd*1000 < now.
-    let to = (now_ms - jitter - sd * 1000 - 1).div_euclid(1000);
+    let mut to = (now_ms - jitter - sd * 1000 - 1).div_euclid(1000);
     let mut from = job.resumed_at.max(now_s - run::KEEP_FOR.as_secs() as i64);
-    match sh.store.fires(&job.name, 1).await {
-        Ok(f) => {
-            if let Some((t, _, _)) = f.first() {
-                from = from.max(*t);
+    let newest = match below {
+        Some(b) => {
+            to = to.min(b - 1);
+            sh.store.newest_fire_before(&job.name, b).await
+        }
+        None => sh
+            .store
+            .fires(&job.name, 1)
+            .await
+            .map(|f| f.first().map(|(t, _, _)| *t)),
+    };
+    match newest {
+        Ok(t) => {
+            if let Some(t) = t {
+                from = from.max(t);
             }
         }
         Err(e) => {

@@ -262,6 +262,33 @@ impl Store {
             .collect())
     }
 
+    /// The newest claimed tick of job `name` older than `before` (`None`: none). A lookback
+    /// reads this rather than the newest claim, which may be one its own conchd just made.
+    pub async fn newest_fire_before(
+        &self,
+        name: &Name,
+        before: i64,
+    ) -> Result<Option<i64>, CallError> {
+        let dir = self.prefix.cron_fire_dir(name);
+        let end = format!("{dir}{}", crate::keys::tick_key(before));
+        let r = self
+            .etcd
+            .retry("read claims", |mut c| {
+                let opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_keys_only()
+                    .with_limit(16);
+                let d = dir.clone();
+                async move { c.get(d, Some(opts)).await }
+            })
+            .await?;
+        // Newest first; a key that is not a tick (another tool's) is passed over.
+        Ok(r.kvs()
+            .iter()
+            .find_map(|kv| parse_tick_key(std::str::from_utf8(&kv.key()[dir.len()..]).ok()?)))
+    }
+
     /// Decide `tick` of job `name` for this node: put-if-absent on the fire key (and for
     /// overlap=forbid, the `running` key on `lease` if no run is going, else record the tick
     /// skipped), in one transaction. With `trigger = Some((key, create_rev))` the trigger must
