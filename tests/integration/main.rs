@@ -7,6 +7,7 @@ mod harness;
 
 mod bad_input;
 mod cron;
+mod cron_faults;
 mod cron_status;
 mod elect;
 mod elect_child;
