@@ -20,10 +20,10 @@ pub struct ConchdArgs {
     #[arg(long, env = "CONCH_LABELS", default_value = "")]
     labels: String,
     /// On SIGTERM, let running jobs finish for this long, then stop them.
-    #[arg(long, env = "CONCH_DRAIN_TIMEOUT", default_value = "30s", value_parser = args::duration)]
+    #[arg(long, allow_hyphen_values = true, env = "CONCH_DRAIN_TIMEOUT", default_value = "30s", value_parser = args::duration)]
     drain_timeout: Duration,
     /// Grace between SIGTERM and SIGKILL for a job that is stopped (capped by the hold deadline).
-    #[arg(long, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
+    #[arg(long, allow_hyphen_values = true, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
     kill_after: Duration,
     /// Detach from the terminal (for hosts with no supervisor); needs --pidfile.
     #[arg(long, requires = "pidfile")]

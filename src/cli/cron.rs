@@ -55,7 +55,7 @@ enum CronCommand {
         #[arg(value_parser = args::name)]
         name: Name,
         /// Give up (exit 75) if no conchd takes the run within this long.
-        #[arg(long, default_value = "30s", value_parser = args::positive_duration)]
+        #[arg(long, allow_hyphen_values = true, default_value = "30s", value_parser = args::positive_duration)]
         wait: Duration,
     },
     /// Stop firing a job (runs in flight finish).

@@ -25,10 +25,10 @@ pub struct ElectArgs {
     #[arg(long)]
     restart: bool,
     /// Grace between SIGTERM and SIGKILL (capped so the tree is dead by the hold deadline).
-    #[arg(long, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
+    #[arg(long, allow_hyphen_values = true, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
     kill_after: Duration,
     /// Give up campaigning after this long: exit 75 (0 means do not wait) [default: forever].
-    #[arg(long, value_parser = args::duration, conflicts_with = "nonblock")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, conflicts_with = "nonblock")]
     wait: Option<Duration>,
     /// Exit 75 at once if the office is held; run at once if it is vacant.
     #[arg(long)]
@@ -40,7 +40,7 @@ pub struct ElectArgs {
     #[arg(long, value_name = "CMD")]
     on_lose: Option<String>,
     /// Bound on each hook.
-    #[arg(long, env = "CONCH_HOOK_TIMEOUT", default_value = "30s", value_parser = args::positive_duration)]
+    #[arg(long, allow_hyphen_values = true, env = "CONCH_HOOK_TIMEOUT", default_value = "30s", value_parser = args::positive_duration)]
     hook_timeout: Duration,
     /// Print the holder; exit 1 if vacant.
     #[arg(long, conflicts_with_all = ["watch", "assert"])]

@@ -24,13 +24,13 @@ pub struct GlobalArgs {
     )]
     pub endpoints: Vec<String>,
     /// Give up connecting after this long (exit 69).
-    #[arg(long, global = true, env = "CONCH_DIAL_TIMEOUT", default_value = "5s", value_parser = args::positive_duration)]
+    #[arg(long, allow_hyphen_values = true, global = true, env = "CONCH_DIAL_TIMEOUT", default_value = "5s", value_parser = args::positive_duration)]
     pub dial_timeout: Duration,
     /// Deadline for every single etcd call that is not a wait.
-    #[arg(long, global = true, env = "CONCH_REQUEST_TIMEOUT", default_value = "5s", value_parser = args::positive_duration)]
+    #[arg(long, allow_hyphen_values = true, global = true, env = "CONCH_REQUEST_TIMEOUT", default_value = "5s", value_parser = args::positive_duration)]
     pub request_timeout: Duration,
     /// Lease TTL: with --kill-after it fixes how fast a cut-off holder kills its child.
-    #[arg(long, global = true, env = "CONCH_TTL", default_value = "10s", value_parser = args::positive_duration)]
+    #[arg(long, allow_hyphen_values = true, global = true, env = "CONCH_TTL", default_value = "10s", value_parser = args::positive_duration)]
     pub ttl: Duration,
     /// Root of all keys (lets several teams share one etcd).
     #[arg(long, global = true, env = "CONCH_PREFIX", default_value = "/conch")]

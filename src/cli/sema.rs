@@ -22,19 +22,19 @@ pub struct SemaArgs {
     #[arg(value_parser = args::name)]
     name: Name,
     /// Number of slots, 1 to 10000; every participant of a name must agree on it.
-    #[arg(long, value_parser = max_slots)]
+    #[arg(long, allow_hyphen_values = true, value_parser = max_slots)]
     max: Option<u32>,
     /// At most one slot per node (--node); part of what participants must agree on.
     #[arg(long)]
     spread: bool,
     /// Give up waiting for a slot after this long: exit 75 (0 means do not wait) [default: forever].
-    #[arg(long, value_parser = args::duration, conflicts_with = "nonblock")]
+    #[arg(long, allow_hyphen_values = true, value_parser = args::duration, conflicts_with = "nonblock")]
     wait: Option<Duration>,
     /// Exit 75 at once if every slot is taken; run at once if one is free.
     #[arg(long)]
     nonblock: bool,
     /// Grace between SIGTERM and SIGKILL (capped so the tree is dead by the hold deadline).
-    #[arg(long, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
+    #[arg(long, allow_hyphen_values = true, env = "CONCH_KILL_AFTER", default_value = "5s", value_parser = args::duration)]
     kill_after: Duration,
     /// List holders then waiters (every live max unless --max is given); exit 1 if empty.
     #[arg(long)]

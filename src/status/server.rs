@@ -118,12 +118,15 @@ async fn handle(mut stream: TcpStream, src: Source, addr: SocketAddr) {
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     };
+    // A HEAD request gets the status line and headers only (and 405: GET only).
+    let mut head_only = false;
     let resp = match head_end {
         None => Response::text(431, "request head too large\n"),
         Some(end) => {
             let head = String::from_utf8_lossy(&buf[..end]);
             let mut parts = head.lines().next().unwrap_or("").split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            head_only = method == "HEAD";
             route(method, target, &src, addr).await
         }
     };
@@ -148,7 +151,9 @@ async fn handle(mut stream: TcpStream, src: Source, addr: SocketAddr) {
     );
     let _ = tokio::time::timeout(IO_TIMEOUT, async {
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(resp.body.as_bytes()).await?;
+        if !head_only {
+            stream.write_all(resp.body.as_bytes()).await?;
+        }
         stream.shutdown().await
     })
     .await;
