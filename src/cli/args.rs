@@ -8,7 +8,9 @@ use crate::keys::Name;
 pub fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.starts_with('-') {
-        return Err(format!("{s:?} is negative: a duration is like 5s, 500ms or 1m30s"));
+        return Err(format!(
+            "{s:?} is negative: a duration is like 5s, 500ms or 1m30s"
+        ));
     }
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
