@@ -178,7 +178,6 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
                 Sig::Forward(n) => tracing::info!(signal = n, "signal ignored (conchd forwards no signals to jobs)"),
             },
             _ = tokio::time::sleep(Duration::from_millis(sleep_ms as u64)) => {
-                let session = session_rx.borrow().clone();
                 let due = table.pop_due(clock.now_ms());
                 // Several ticks of one job due at once (conchd started, or fell behind): run
                 // only the newest; the older ones are recorded missed unless someone decided
@@ -201,7 +200,7 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
                         });
                         continue;
                     }
-                    let t = run::tick(sh.clone(), session.clone(), d.job, d.tick, None);
+                    let t = run::tick(sh.clone(), session_rx.clone(), d.job, d.tick, None);
                     ticks.spawn(async move { (name, t.await, None) });
                 }
             }
@@ -394,7 +393,7 @@ fn start_manual(
         return;
     }
     let sh = sh.clone();
-    let session = session_rx.borrow().clone();
+    let sessions = session_rx.clone();
     let key = tr.key.clone();
     ticks.spawn(async move {
         let first = sh.clock.now_ms() / 1000;
@@ -402,7 +401,7 @@ fn start_manual(
         for t in first..first + MANUAL_TICK_TRIES {
             end = run::tick(
                 sh.clone(),
-                session.clone(),
+                sessions.clone(),
                 job.clone(),
                 t,
                 Some(tr.clone()),

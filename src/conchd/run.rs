@@ -32,6 +32,10 @@ use crate::keys::{Revision, rfc3339_utc, rfc3339_utc_ms};
 pub const KEEP_RESULTS: i64 = 100;
 pub const KEEP_FOR: Duration = Duration::from_secs(14 * 24 * 3600);
 
+/// How often a tick waiting for a provable hold looks again (a hold whose D is too close
+/// becomes usable again when renewals move D, which publishes no new session).
+const HOLD_RECHECK: Duration = Duration::from_millis(200);
+
 /// A node prunes a job's history on its first run of it and then after every this many.
 const PRUNE_EVERY: u32 = 10;
 
@@ -87,11 +91,14 @@ pub enum TickEnd {
     NotClaimed,
 }
 
-/// Decide `tick` of `job` on this node and run it if this node wins. `session` is the hold
-/// at the moment the tick came due (`None`: no provable hold, so no claim).
+/// Decide `tick` of `job` on this node and run it if this node wins. Claims only under a
+/// provable hold (`sessions`): without one it waits for the hold to come back until the
+/// tick's starting deadline passes, and then records the tick missed if nobody decided it —
+/// a tick that falls into a lease outage is never silently dropped. A manual run waits for
+/// the hold as long as conchd runs.
 pub async fn tick(
     sh: Arc<Shared>,
-    session: Option<Session>,
+    mut sessions: watch::Receiver<Option<Session>>,
     job: Arc<Job>,
     tick: i64,
     trigger: Option<TriggerRef>,
@@ -114,11 +121,25 @@ pub async fn tick(
         if sh.stopping.is_cancelled() {
             return TickEnd::NotClaimed;
         }
-        let Some(session) = session.as_ref().filter(|s| fits(s, sh.grace)) else {
-            // No provable hold: leave the tick to other nodes (or to the miss record).
-            tracing::debug!(name = %name, tick, "no live lease; not claiming");
-            return TickEnd::NotClaimed;
+        let current = sessions.borrow_and_update().clone();
+        let Some(session) = current.as_ref().filter(|s| fits(s, sh.grace)) else {
+            // No provable hold: wait for one (a new lease, or renewals moving D) until the
+            // tick's deadline, then decide again at the top.
+            tracing::debug!(name = %name, tick, "no provable hold; waiting before claiming");
+            let left = if manual {
+                HOLD_RECHECK
+            } else {
+                Duration::from_millis((deadline_ms - now_ms).max(0) as u64 + 1).min(HOLD_RECHECK)
+            };
+            tokio::select! {
+                _ = sh.stopping.cancelled() => return TickEnd::NotClaimed,
+                r = sessions.changed() => if r.is_err() { return TickEnd::NotClaimed },
+                _ = tokio::time::sleep(left) => {}
+            }
+            continue;
         };
+        let session = session.clone();
+        let session = &session;
         let fire = FireRecord {
             node: sh.node.clone(),
             lease: session.lease.to_string(),

@@ -1246,3 +1246,60 @@ fn overlap_forbid_run_whose_node_is_partitioned_is_killed_by_d_without_overlap()
         "a running key outlived the runs"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. A lease outage on the only node: every tick is still decided (run late, or missed).
+
+#[test]
+fn a_lease_outage_on_the_only_node_leaves_no_tick_undecided() {
+    let mut ctx = Ctx::new("cronf-outage");
+    let cluster = Cluster::start(&ctx.dir, 1);
+    use_private(&mut ctx, &cluster);
+    let mut node = ctx.conchd("n1").spawn();
+    wait_registered(&ctx, &["n1"]);
+    add(
+        &ctx,
+        "steady",
+        "@every 1s",
+        &["--starting-deadline", "10s"],
+        &["--run", "50ms"],
+    );
+    ctx.wait_results("steady", 3, Duration::from_secs(15));
+    // Freeze etcd past the lease's deadline (TTL 4 s: D ≤ 3.71 s after the last renewal):
+    // conchd loses its hold, ticks come due without one, and nobody else could decide them.
+    cluster.stop(0);
+    let frozen_at = now_ms() / 1000;
+    std::thread::sleep(Duration::from_secs(6)); // the outage itself, not a synchronisation
+    cluster.cont(0);
+    let back_at = now_ms() / 1000;
+    // Runs resume under a new lease.
+    let after = wait_for(Duration::from_secs(30), || {
+        let r = ctx.results("steady");
+        (r.iter()
+            .filter(|(t, v)| *t > back_at + 1 && status(v) == "ok")
+            .count()
+            >= 3)
+            .then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no runs after the outage\n--- conchd stderr\n{}",
+            node.stderr()
+        )
+    });
+    stop_all(std::slice::from_mut(&mut node));
+    let ticks: Vec<i64> = after.iter().map(|(t, _)| *t).collect();
+    let (first, last) = (ticks[0], *ticks.last().unwrap());
+    assert_eq!(
+        ticks,
+        (first..=last).collect::<Vec<_>>(),
+        "ticks of the outage ({frozen_at}..{back_at}) were never decided: {after:#?}"
+    );
+    for (t, v) in &after {
+        assert!(
+            matches!(status(v), "ok" | "missed" | "killed"),
+            "tick {t}: {v}"
+        );
+    }
+    journal::check_ticks(&journal_of(&ctx, "steady"));
+}
