@@ -184,6 +184,23 @@ pub async fn tick(
                 run(&sh, session, &job, tick, rev, manual).await;
                 return TickEnd::Ran;
             }
+            Ok(Claim::WonUnderOldLease { rev }) => {
+                // The claim landed while conchd's previous lease was being lost. Nobody else
+                // can run this tick; with overlap=allow this node runs it now, under the new
+                // hold. With overlap=forbid the `running` key went with the old lease, so a
+                // run now could overlap one elsewhere: the tick is recorded missed instead.
+                sh.metrics.claimed.fetch_add(1, Relaxed);
+                if job.spec.overlap == Overlap::Allow {
+                    run(&sh, session, &job, tick, rev, manual).await;
+                    return TickEnd::Ran;
+                }
+                let now_ms = sh.clock.now_ms();
+                let mut result = missed_result(&sh, &job, tick, now_ms, false);
+                result.rev = Some(rev);
+                result.reason = Some("claimed while conchd's lease was being lost; not run, since the overlap guard went with that lease (--overlap forbid)".into());
+                write_result(&sh, &job, tick, &result).await;
+                return TickEnd::Missed;
+            }
             Ok(Claim::Skipped) => {
                 sh.metrics.skipped.fetch_add(1, Relaxed);
                 tracing::info!(name = %name, tick, "skipped: the previous run still runs (--overlap forbid)");
@@ -237,7 +254,6 @@ fn fits(s: &Session, grace: Duration) -> bool {
 /// Record `tick` missed, once, if nobody decided it. `superseded`: a newer tick of the job
 /// was due too, and only the newest runs.
 pub async fn record_missed(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: bool) {
-    let late = Duration::from_millis((now_ms - tick * 1000).max(0) as u64);
     let fire = FireRecord {
         node: sh.node.clone(),
         lease: String::new(),
@@ -245,7 +261,24 @@ pub async fn record_missed(sh: &Shared, job: &Job, tick: i64, now_ms: i64, super
         claimed: rfc3339_utc_ms(now_ms),
         manual: false,
     };
-    let result = ResultRecord {
+    let result = missed_result(sh, job, tick, now_ms, superseded);
+    match sh.store.record_unrun(&job.name, tick, &fire, &result).await {
+        Ok(true) => {
+            sh.metrics.missed.fetch_add(1, Relaxed);
+            tracing::warn!(name = %job.name, tick, "missed: nobody started this tick within its starting deadline");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            sh.metrics.etcd_errors.fetch_add(1, Relaxed);
+            tracing::warn!(name = %job.name, tick, error = %e, "cannot record a missed tick");
+        }
+    }
+}
+
+/// The result of a tick nobody started in time.
+fn missed_result(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: bool) -> ResultRecord {
+    let late = Duration::from_millis((now_ms - tick * 1000).max(0) as u64);
+    ResultRecord {
         tick: rfc3339_utc(tick as u64),
         node: sh.node.clone(),
         status: Status::Missed,
@@ -268,17 +301,6 @@ pub async fn record_missed(sh: &Shared, job: &Job, tick: i64, now_ms: i64, super
                 fmt_secs(late)
             )
         }),
-    };
-    match sh.store.record_unrun(&job.name, tick, &fire, &result).await {
-        Ok(true) => {
-            sh.metrics.missed.fetch_add(1, Relaxed);
-            tracing::warn!(name = %job.name, tick, "missed: nobody started this tick within its starting deadline");
-        }
-        Ok(false) => {}
-        Err(e) => {
-            sh.metrics.etcd_errors.fetch_add(1, Relaxed);
-            tracing::warn!(name = %job.name, tick, error = %e, "cannot record a missed tick");
-        }
     }
 }
 

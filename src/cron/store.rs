@@ -40,6 +40,9 @@ pub enum Claim {
     Won { rev: i64 },
     /// Recorded as skipped by this node (overlap=forbid and a run still going).
     Skipped,
+    /// An earlier attempt of this node's claim committed under the lease conchd held then
+    /// (since lost); nobody else can run the tick.
+    WonUnderOldLease { rev: i64 },
     /// Someone else decided the tick (`existed`, with their record if readable); or, for a
     /// manual run, the trigger was gone (`!existed`).
     Taken {
@@ -386,14 +389,12 @@ impl Store {
             _ => None,
         };
         match existing {
-            // Our own earlier attempt committed (its answer was lost): it is ours.
-            Some((Some(rec), rev, _))
-                if rec.node == fire.node
-                    && rec.lease == fire.lease
-                    && rec.claimed == fire.claimed =>
-            {
+            // Our own earlier attempt committed (its answer was lost): it is ours — under
+            // this lease, or under the one conchd held when that attempt was sent.
+            Some((Some(rec), rev, _)) if rec.node == fire.node && rec.claimed == fire.claimed => {
                 Ok(match rec.decision {
-                    Decision::Run => Claim::Won { rev },
+                    Decision::Run if rec.lease == fire.lease => Claim::Won { rev },
+                    Decision::Run => Claim::WonUnderOldLease { rev },
                     Decision::Skipped => Claim::Skipped,
                     Decision::Missed => Claim::Taken {
                         existed: true,
