@@ -5,12 +5,13 @@ before and after many ticks, against a throw-away etcd on loopback.
     cargo build --release && scripts/measure-cron.py                 # 3 conchd, 100 @every 1s jobs
     scripts/measure-cron.py --nodes 3 --jobs 100 --ticks 1000 --debug
 
-Each job's command is `date +%s%N` itself (exec'd directly, no shell), so the time it prints
-is the child's start; conchd prefixes the line with the job name on its stderr. For an
-`@every 1s` job the tick is that time rounded down to the second (lag < 1 s). Leases are
+Each job's command is `sh -c 'exec date "+%s%N $CONCH_TICK"'`: the shell puts the tick into
+the format and execs `date`, so the line holds the child's start (plus a shell's start-up,
+about a millisecond) and the tick it ran for; conchd prefixes it with the job name on its
+stderr. Lag = start - tick; a (job, tick) seen twice would be a double run. Leases are
 counted with etcd's LeaseLeases API through etcdctl; memory is VmHWM/VmRSS of each conchd.
 """
-import argparse, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, calendar, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def main():
                              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                              "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCH_") or k == "CONCH_CONTAINMENT"}
     env.update(CONCH_ENDPOINTS=url, CONCH_PREFIX="/measure", CONCH_QUIET="true")
     cgroot = None
     nodes = []
@@ -96,7 +97,7 @@ def main():
              .stdout.count("/measure/v1/node/") >= a.nodes, 20, "conchd registration")
         before = leases()
         for j in range(a.jobs):
-            subprocess.run([conch, "cron", "add", f"j{j:04d}", "--schedule", "@every 1s", "--", "date", "+%s%N"],
+            subprocess.run([conch, "cron", "add", f"j{j:04d}", "--schedule", "@every 1s", "--", "sh", "-c", 'exec date "+%s%N $CONCH_TICK"'],
                            env=env, check=True, capture_output=True)
         t0 = time.time()
 
@@ -105,9 +106,9 @@ def main():
             for i in range(a.nodes):
                 with open(os.path.join(work, f"n{i}.log")) as f:
                     for line in f:
-                        m = re.match(r"(j\d{4}): (\d{19})$", line.strip())
+                        m = re.match(r"(j\d{4}): (\d{19}) (\S+)$", line.strip())
                         if m:
-                            out.append((m.group(1), int(m.group(2))))
+                            out.append((m.group(1), int(m.group(2)), m.group(3)))
             return out
 
         wait(lambda: len(lines()) >= a.ticks, 600, f"{a.ticks} runs")
@@ -115,8 +116,10 @@ def main():
         mem = [proc_mem(p.pid) for p, _ in nodes]
         runs = lines()
         elapsed = time.time() - t0
-        lags = [(ns % 1_000_000_000) / 1e6 for _, ns in runs]
-        ticks = {(j, ns // 1_000_000_000) for j, ns in runs}
+        def epoch(t):
+            return calendar.timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%SZ"))
+        lags = [(ns - epoch(t) * 1_000_000_000) / 1e6 for _, ns, t in runs]
+        ticks = {(j, t) for j, _, t in runs}
         print(f"conchd tick lag ({profile} build, {a.nodes} conchd, {a.jobs} jobs @every 1s, etcd on loopback, 2-core host)")
         print(f"runs observed: {len(runs)} in {elapsed:.1f}s; distinct (job, tick): {len(ticks)}"
               f"{' — DUPLICATE RUNS' if len(ticks) != len(runs) else ''}")
