@@ -72,6 +72,8 @@ pub struct Metrics {
     pub claim_latency: Histogram,
     /// The last winner's claim time − tick time seen on a lost race, ms (clock skew + lag).
     pub observed_claim_offset_ms: AtomicI64,
+    /// When (wall ms) a skew was last logged: at most once a minute.
+    pub skew_logged_ms: AtomicI64,
     /// Health inputs.
     pub jobs_watching: std::sync::Arc<AtomicBool>,
     pub lease_alive: AtomicBool,
@@ -95,6 +97,7 @@ impl Default for Metrics {
             run_duration: Histogram::new(RUN_BUCKETS),
             claim_latency: Histogram::new(CALL_BUCKETS),
             observed_claim_offset_ms: AtomicI64::new(0),
+            skew_logged_ms: AtomicI64::new(0),
             jobs_watching: std::sync::Arc::new(AtomicBool::new(false)),
             lease_alive: AtomicBool::new(false),
             jobs: AtomicU64::new(0),

@@ -32,6 +32,9 @@ use crate::keys::{Revision, rfc3339_utc, rfc3339_utc_ms};
 pub const KEEP_RESULTS: i64 = 100;
 pub const KEEP_FOR: Duration = Duration::from_secs(14 * 24 * 3600);
 
+/// A winner's claim this far (ms) from the tick is worth a log line: clock skew or lag.
+const SKEW_WORTH_LOGGING_MS: i64 = 500;
+
 /// How often a tick waiting for a provable hold looks again (a hold whose D is too close
 /// becomes usable again when renewals move D, which publishes no new session).
 const HOLD_RECHECK: Duration = Duration::from_millis(200);
@@ -225,6 +228,20 @@ pub async fn tick(
                         - job.jitter_offset().as_millis() as i64;
                     sh.metrics.observed_claim_offset_ms.store(offset, Relaxed);
                     tracing::debug!(name = %name, tick, winner = %w.node, claim_offset_ms = offset, "tick taken by another node");
+                    // A winner claiming far from the tick means clock skew (or a slow node):
+                    // say so, at most once a minute.
+                    let now = sh.clock.now_ms();
+                    let last = sh.metrics.skew_logged_ms.load(Relaxed);
+                    if offset.abs() >= SKEW_WORTH_LOGGING_MS
+                        && now - last >= 60_000
+                        && sh
+                            .metrics
+                            .skew_logged_ms
+                            .compare_exchange(last, now, Relaxed, Relaxed)
+                            .is_ok()
+                    {
+                        tracing::info!(name = %name, tick, winner = %w.node, claim_offset_ms = offset, "skew: the winner claimed this far from the tick (its clock, or its lag)");
+                    }
                 }
                 return TickEnd::Taken { fire_existed };
             }

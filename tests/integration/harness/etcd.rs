@@ -153,11 +153,31 @@ fn check_is_elf(bin: &Path) {
     );
 }
 
+/// A loopback port that is free now and that no outgoing connection will take before the
+/// server binds it: ports come from below the kernel's ephemeral range (32768–60999 by
+/// default), where the kernel never picks source ports. Binding port 0 instead handed out
+/// ephemeral ports, and with many clients connecting in parallel one of them sometimes took
+/// the port first ("bind: address already in use" for an etcd member).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("cannot find a free loopback port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start at a per-process offset, so consecutive test binaries do not reuse ports at once.
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + std::process::id() % (HIGH - LOW),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (LOW + (n - LOW) % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{HIGH}")
 }
 
 fn start() -> Etcd {
