@@ -70,6 +70,8 @@ pub struct Metrics {
     pub run_duration: Histogram,
     /// Latency of the claim transaction, ms.
     pub claim_latency: Histogram,
+    /// Latency of the lease renewals that moved D, ms.
+    pub renewal_latency: Histogram,
     /// The last winner's claim time − tick time seen on a lost race, ms (clock skew + lag).
     pub observed_claim_offset_ms: AtomicI64,
     /// When (wall ms) a skew was last logged: at most once a minute.
@@ -96,6 +98,7 @@ impl Default for Metrics {
             tick_lag: Histogram::new(LAG_BUCKETS),
             run_duration: Histogram::new(RUN_BUCKETS),
             claim_latency: Histogram::new(CALL_BUCKETS),
+            renewal_latency: Histogram::new(CALL_BUCKETS),
             observed_claim_offset_ms: AtomicI64::new(0),
             skew_logged_ms: AtomicI64::new(0),
             jobs_watching: std::sync::Arc::new(AtomicBool::new(false)),
@@ -206,6 +209,11 @@ impl Metrics {
             &mut out,
             "conch_cron_run_duration_seconds",
             "Duration of job runs.",
+        );
+        self.renewal_latency.render(
+            &mut out,
+            "conch_lease_renewal_latency_seconds",
+            "Latency of conchd's lease renewals (send to answer).",
         );
         self.claim_latency.render(
             &mut out,

@@ -110,8 +110,18 @@ pub async fn keep(
         }));
         cfg.metrics.lease_alive.store(true, Relaxed);
         // Hold until the lease can no longer be proven, or shutdown.
+        let mut last_d = view.state().deadline.at();
+        let span = crate::hold::deadline::proven_span(view.timing().ttl);
         let stopping = loop {
             let st = view.mark_seen();
+            // A renewal moved D to (its send + span): its latency is now − send.
+            if st.deadline.at() > last_d {
+                last_d = st.deadline.at();
+                let sent = last_d.saturating_sub(span);
+                cfg.metrics
+                    .renewal_latency
+                    .observe_ms((BootInstant::now() - sent).as_millis() as u64);
+            }
             if let Some(loss) = st.lost {
                 tracing::warn!(lease = %lease.id(), reason = %loss, "conchd's lease lost; its jobs are killed");
                 break false;

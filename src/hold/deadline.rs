@@ -78,7 +78,8 @@ impl Timing {
 }
 
 /// `TTL·(1−ρ) − δ`: how long after a renewal's send time the hold is provably ours.
-fn proven_span(ttl: Duration) -> Duration {
+/// How long a renewal answered with `ttl` proves the lease for, from its send: `TTL·(1−ρ) − δ`.
+pub fn proven_span(ttl: Duration) -> Duration {
     scaled(ttl).saturating_sub(DELTA)
 }
 
