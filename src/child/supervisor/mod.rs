@@ -197,6 +197,10 @@ struct Supervisor {
     done: bool,
 }
 
+/// `clone3` errors that mean "this kernel cannot spawn into a cgroup that way" (too old, or
+/// seccomp): fall back to writing `cgroup.procs`.
+const CLONE3_UNSUPPORTED: [i32; 4] = [libc::ENOSYS, libc::EINVAL, libc::E2BIG, libc::EPERM];
+
 impl Supervisor {
     /// Open the cgroup files, fork the child, and tell conch its pid and pidfd. On failure
     /// the socket comes back to report the error on.
@@ -206,7 +210,7 @@ impl Supervisor {
                 TimerfdClockId::Boottime,
                 TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
             )?;
-            let (scope, procs) = match &args.cgroup {
+            let (scope, procs, dir_fd) = match &args.cgroup {
                 Some(dir) => {
                     let open = |name: &str, flags: OFlags| {
                         rustix::fs::open(dir.join(name), flags | OFlags::CLOEXEC, Mode::empty())
@@ -214,47 +218,35 @@ impl Supervisor {
                     let procs = open("cgroup.procs", OFlags::WRONLY)?;
                     let kill = open("cgroup.kill", OFlags::WRONLY)?;
                     let events = open("cgroup.events", OFlags::RDONLY)?;
-                    (Scope::Cgroup { kill, events }, Some(procs))
+                    let dir_fd = open(".", OFlags::RDONLY | OFlags::DIRECTORY)?;
+                    (Scope::Cgroup { kill, events }, Some(procs), Some(dir_fd))
                 }
-                None => (Scope::Pgroup, None),
+                None => (Scope::Pgroup, None, None),
             };
-            Ok((timer, scope, procs))
+            Ok((timer, scope, procs, dir_fd))
         })();
-        let (timer, scope, procs) = match prepared {
+        let (timer, scope, procs, dir_fd) = match prepared {
             Ok(p) => p,
             Err(e) => return Err((sock, e)),
         };
-        let mut cmd = Command::new(&args.program);
-        cmd.arg0(&args.argv[0]).args(&args.argv[1..]);
-        if matches!(scope, Scope::Pgroup) {
-            cmd.process_group(0);
-        }
-        sys::contain_before_exec(&mut cmd, rustix::process::getpid(), procs);
-        let child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => return Err((sock, e)),
+        let me = rustix::process::getpid();
+        // Born in the cgroup (clone3 with CLONE_INTO_CGROUP) where the kernel can; else the
+        // child writes itself into cgroup.procs before exec.
+        let cloned = match (&dir_fd, sys::Exec::new(&args.program, &args.argv)) {
+            (Some(dir), Some(exec)) => match sys::spawn_into_cgroup(&exec, dir.as_fd(), me) {
+                Ok(spawned) => Some(Ok(spawned)),
+                Err(e) if CLONE3_UNSUPPORTED.contains(&e.raw_os_error().unwrap_or(0)) => None,
+                Err(e) => Some(Err(e)),
+            },
+            _ => None,
         };
-        drop(cmd); // closes the cgroup.procs fd
-        // std's `Child` is dropped without waiting: the pidfd owns the child's status.
-        let pid = child.id() as i32;
-        drop(child);
-        let pidfd = match Pid::from_raw(pid)
-            .map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()))
-        {
-            Some(Ok(fd)) => fd,
-            failed => {
-                // Unreaped, so the pid cannot have been reused: kill and reap it by pid.
-                if let Some(p) = Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process(p, Signal::KILL);
-                    let _ =
-                        rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
-                }
-                let e = match failed {
-                    Some(Err(e)) => e.into(),
-                    _ => io::Error::from_raw_os_error(rustix::io::Errno::SRCH.raw_os_error()),
-                };
-                return Err((sock, e));
-            }
+        let (pid, pidfd) = match cloned {
+            Some(Ok(spawned)) => spawned,
+            Some(Err(e)) => return Err((sock, e)),
+            None => match Self::spawn_with_command(args, &scope, procs, me) {
+                Ok(spawned) => spawned,
+                Err(e) => return Err((sock, e)),
+            },
         };
         let sup = Supervisor {
             sock,
@@ -267,6 +259,43 @@ impl Supervisor {
             done: false,
         };
         Ok(sup)
+    }
+
+    /// The fallback spawn: std's `Command`, the child entering its cgroup (if any) by writing
+    /// `procs` before exec; the pidfd opened afterwards (the child is unreaped, so its pid
+    /// cannot have been reused).
+    fn spawn_with_command(
+        args: &Args,
+        scope: &Scope,
+        procs: Option<OwnedFd>,
+        me: Pid,
+    ) -> io::Result<(i32, OwnedFd)> {
+        let mut cmd = Command::new(&args.program);
+        cmd.arg0(&args.argv[0]).args(&args.argv[1..]);
+        if matches!(scope, Scope::Pgroup) {
+            cmd.process_group(0);
+        }
+        sys::contain_before_exec(&mut cmd, me, procs);
+        let child = cmd.spawn()?;
+        drop(cmd); // closes the cgroup.procs fd
+        // std's `Child` is dropped without waiting: the pidfd owns the child's status.
+        let pid = child.id() as i32;
+        drop(child);
+        match Pid::from_raw(pid).map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty())) {
+            Some(Ok(fd)) => Ok((pid, fd)),
+            failed => {
+                // Unreaped, so the pid cannot have been reused: kill and reap it by pid.
+                if let Some(p) = Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(p, Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+                }
+                Err(match failed {
+                    Some(Err(e)) => e.into(),
+                    _ => io::Error::from_raw_os_error(rustix::io::Errno::SRCH.raw_os_error()),
+                })
+            }
+        }
     }
 
     /// Tell conch about the child, then watch conch, the deadline and the child until one of
