@@ -192,11 +192,23 @@ fn clean_exit_kills_a_leftover_setsid_grandchild_before_release() {
 
 #[test]
 fn child_runs_in_its_own_cgroup_which_is_removed_after() {
+    child_in_own_cgroup(false);
+}
+
+/// The same through the fallback spawn (the child writes itself into `cgroup.procs` before
+/// exec), which kernels without clone3's CLONE_INTO_CGROUP use.
+#[test]
+fn child_runs_in_its_own_cgroup_without_clone3_too() {
+    child_in_own_cgroup(true);
+}
+
+fn child_in_own_cgroup(no_clone3: bool) {
     let ctx = Ctx::new("child-cgroup");
     let mount = cgroup::v2_mount().expect("this host has no cgroup v2 hierarchy");
     let root = ctx.cgroup_root.clone().unwrap();
     let mut conch = ctx
         .elect("cg")
+        .env("CONCH_TEST_NO_CLONE3", if no_clone3 { "1" } else { "0" })
         .arg("--")
         .args(ctx.sh(
             "echo $$ > {dir}/child.pid; echo \"$CONCH_LEASE\" > {dir}/lease; \

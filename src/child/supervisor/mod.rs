@@ -201,6 +201,18 @@ struct Supervisor {
 /// seccomp): fall back to writing `cgroup.procs`.
 const CLONE3_UNSUPPORTED: [i32; 4] = [libc::ENOSYS, libc::EINVAL, libc::E2BIG, libc::EPERM];
 
+/// `CONCH_TEST_NO_CLONE3=1` (debug builds, i.e. the tests' binary): take the fallback
+/// spawn path, so the tests cover it on kernels where clone3 works.
+#[cfg(debug_assertions)]
+fn test_no_clone3() -> bool {
+    std::env::var_os("CONCH_TEST_NO_CLONE3").is_some_and(|v| v == "1")
+}
+
+#[cfg(not(debug_assertions))]
+fn test_no_clone3() -> bool {
+    false
+}
+
 impl Supervisor {
     /// Open the cgroup files, fork the child, and tell conch its pid and pidfd. On failure
     /// the socket comes back to report the error on.
@@ -232,7 +244,8 @@ impl Supervisor {
         let me = rustix::process::getpid();
         // Born in the cgroup (clone3 with CLONE_INTO_CGROUP) where the kernel can; else the
         // child writes itself into cgroup.procs before exec.
-        let cloned = match (&dir_fd, sys::Exec::new(&args.program, &args.argv)) {
+        let exec = (!test_no_clone3()).then(|| sys::Exec::new(&args.program, &args.argv));
+        let cloned = match (&dir_fd, exec.flatten()) {
             (Some(dir), Some(exec)) => match sys::spawn_into_cgroup(&exec, dir.as_fd(), me) {
                 Ok(spawned) => Some(Ok(spawned)),
                 Err(e) if CLONE3_UNSUPPORTED.contains(&e.raw_os_error().unwrap_or(0)) => None,
