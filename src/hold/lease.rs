@@ -158,8 +158,9 @@ impl Lease {
     }
 
     /// Stop renewing and revoke the lease (deleting every key bound to it), best effort and
-    /// bounded by 1 s: if it fails the lease simply expires.
-    pub async fn revoke(mut self) {
+    /// bounded by 1 s: if it fails the lease simply expires. `true` when the lease is gone
+    /// (revoked now, or already revoked or expired).
+    pub async fn revoke(mut self) -> bool {
         self.stop_tasks().await;
         let id = self.id.0;
         let r = tokio::time::timeout(
@@ -171,13 +172,17 @@ impl Lease {
         )
         .await;
         match r {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => true,
             // Already gone (revoked by someone else, or expired): nothing left to release.
-            Ok(Err(e)) if e.detail.contains("lease not found") => {}
+            Ok(Err(e)) if e.detail.contains("lease not found") => true,
             Ok(Err(e)) => {
-                tracing::warn!(lease = %self.id, error = %e, "revoke failed; the lease will expire")
+                tracing::warn!(lease = %self.id, error = %e, "revoke failed; the lease will expire");
+                false
             }
-            Err(_) => tracing::warn!(lease = %self.id, "revoke timed out; the lease will expire"),
+            Err(_) => {
+                tracing::warn!(lease = %self.id, "revoke timed out; the lease will expire");
+                false
+            }
         }
     }
 

@@ -33,8 +33,8 @@ use signals::{Sig, Signals};
 /// between D and the earliest moment etcd could expire the lease.)
 pub const KILL_LEAD: Duration = Duration::from_millis(20);
 
-/// Longest the guarded delete of a release may take before conch moves on to the revoke
-/// (itself bounded by 1 s): release is best effort once the tree is dead.
+/// Longest the guarded delete of a release may take when the revoke (itself bounded by 1 s)
+/// failed: release is best effort once the tree is dead.
 pub const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 /// Names a hold in log lines: the fixed vocabulary of holds.md §8.
@@ -238,26 +238,26 @@ pub async fn kill_tree(
     tree.wait().await
 }
 
-/// Release a hold after its tree is dead: delete the own key only if its create revision is
-/// still ours, then revoke the lease (best effort, ≤ 1 s). If release fails the lease expires.
+/// Release a hold after its tree is dead: revoke the lease, which deletes the own key with
+/// it (one round trip: the successor's watch sees the delete). If the revoke fails, delete
+/// the own key only if its create revision is still ours. Best effort and bounded; if both
+/// fail the lease simply expires.
 pub async fn release(etcd: &Etcd, lease: Lease, ctx: &HoldCtx) {
-    let key = ctx.key.clone();
-    let rev = ctx.rev.0;
-    let guarded = etcd.retry("release", |mut c| {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::delete(key.clone(), None)]);
-        async move { c.txn(txn).await }
-    });
-    // Best effort and bounded: with etcd unreachable the lease simply expires, and a stopping
-    // conch must not hang on it (the tree is already dead).
-    match tokio::time::timeout(RELEASE_BOUND, guarded).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(key = %ctx.key, error = %e, "guarded delete failed; revoking the lease")
+    if !lease.revoke().await {
+        let key = ctx.key.clone();
+        let rev = ctx.rev.0;
+        let guarded = etcd.retry("release", |mut c| {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            async move { c.txn(txn).await }
+        });
+        // Bounded: with etcd unreachable a stopping conch must not hang (the tree is dead).
+        match tokio::time::timeout(RELEASE_BOUND, guarded).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(key = %ctx.key, error = %e, "guarded delete failed too"),
+            Err(_) => tracing::warn!(key = %ctx.key, "guarded delete timed out too"),
         }
-        Err(_) => tracing::warn!(key = %ctx.key, "guarded delete timed out; revoking the lease"),
     }
-    lease.revoke().await;
     hold_event!(info, ctx, "released");
 }
