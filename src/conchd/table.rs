@@ -156,6 +156,8 @@ impl Table {
     /// Every tick due at `now_ms`, oldest first; each job moves on to its next tick.
     pub fn pop_due(&mut self, now_ms: i64) -> Vec<Due> {
         let mut out = vec![];
+        // Ticks handed out per job in this call (for the backlog bound).
+        let mut handed: HashMap<Name, usize> = HashMap::new();
         while let Some(at) = self.next_wake_ms() {
             if at > now_ms {
                 break;
@@ -175,7 +177,11 @@ impl Table {
             e.last_done = Some(tick);
             let mut next = job.schedule.next_after(tick);
             // Fell far behind: hand out at most MAX_BACKLOG of this job's past ticks.
-            let behind = out.iter().filter(|d| d.job.name == job.name).count();
+            let behind = {
+                let n = handed.entry(job.name.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
             if behind >= MAX_BACKLOG
                 && next.is_some_and(|n| n * 1000 + job.jitter_offset().as_millis() as i64 <= now_ms)
             {
