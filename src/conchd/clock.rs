@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WallClock {
@@ -47,7 +47,7 @@ fn test_offset_ms() -> i64 {
         None => (false, v.trim_start_matches('+')),
     };
     let ms = humantime::parse_duration(body)
-        .map(|d: Duration| d.as_millis() as i64)
+        .map(|d: std::time::Duration| d.as_millis() as i64)
         .unwrap_or(0);
     if ms != 0 {
         tracing::warn!(
