@@ -117,16 +117,9 @@ pub async fn run(g: &GlobalArgs, a: CronArgs) -> u8 {
         },
         _ => None,
     };
-    let (prefix, cfg) = match (g.prefix(), g.etcd_config()) {
-        (Ok(p), Ok(c)) => (p, c),
-        (Err(e), _) | (_, Err(e)) => return usage(e),
-    };
-    let etcd = match g.connect(&cfg).await {
-        Ok(e) => e,
-        Err(e) => {
-            report(&e);
-            return exit::UNAVAILABLE;
-        }
+    let (prefix, etcd) = match super::connect(g).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let store = Store::new(etcd, prefix);
     let r = match a.command {

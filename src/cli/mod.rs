@@ -172,6 +172,22 @@ pub(crate) async fn prepare(
     })
 }
 
+/// For commands that only read or write keys (no child): the prefix and a connection. `Err`
+/// carries the exit code (64 for bad flags, 69 if etcd cannot be reached), already printed.
+pub(crate) async fn connect(
+    g: &GlobalArgs,
+) -> Result<(crate::keys::Prefix, crate::etcd::Etcd), u8> {
+    let (prefix, cfg) = match (g.prefix(), g.etcd_config()) {
+        (Ok(p), Ok(c)) => (p, c),
+        (Err(e), _) | (_, Err(e)) => return Err(usage(e)),
+    };
+    let etcd = g.connect(&cfg).await.map_err(|e| {
+        report(&e);
+        exit::UNAVAILABLE
+    })?;
+    Ok((prefix, etcd))
+}
+
 /// Print an error and its causes once, as `conch: a: b: c`.
 pub(crate) fn report(e: &dyn std::error::Error) {
     eprintln!("conch: {}", crate::etcd::chain(e));

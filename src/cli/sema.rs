@@ -123,16 +123,9 @@ pub async fn run(g: &GlobalArgs, a: SemaArgs) -> u8 {
 }
 
 async fn who(g: &GlobalArgs, a: &SemaArgs) -> u8 {
-    let (prefix, etcd_cfg) = match (g.prefix(), g.etcd_config()) {
-        (Ok(p), Ok(c)) => (p, c),
-        (Err(e), _) | (_, Err(e)) => return usage(e),
-    };
-    let etcd = match g.connect(&etcd_cfg).await {
-        Ok(e) => e,
-        Err(e) => {
-            report(&e);
-            return exit::UNAVAILABLE;
-        }
+    let (prefix, etcd) = match super::connect(g).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let queues = match sema_query::queues(&etcd, &prefix, &a.name, a.max).await {
         Ok(q) => q,

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use clap::Args;
 
-use super::{GlobalArgs, exit, report, usage};
+use super::{GlobalArgs, exit, report};
 use crate::cron::store::Store;
 
 #[derive(Debug, Args)]
@@ -16,16 +16,9 @@ pub struct StatusArgs {
 }
 
 pub async fn run(g: &GlobalArgs, a: StatusArgs) -> u8 {
-    let (prefix, cfg) = match (g.prefix(), g.etcd_config()) {
-        (Ok(p), Ok(c)) => (p, c),
-        (Err(e), _) | (_, Err(e)) => return usage(e),
-    };
-    let etcd = match g.connect(&cfg).await {
-        Ok(e) => e,
-        Err(e) => {
-            report(&e);
-            return exit::UNAVAILABLE;
-        }
+    let (prefix, etcd) = match super::connect(g).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let snap = match crate::status::read(&Store::new(etcd, prefix)).await {
         Ok(s) => s,

@@ -151,17 +151,8 @@ pub async fn tick(
             manual,
         };
         let skipped = ResultRecord {
-            tick: rfc3339_utc(tick as u64),
-            node: sh.node.clone(),
-            status: Status::Skipped,
-            exit: None,
-            signal: None,
-            started: None,
-            duration: None,
-            cpu: None,
-            manual,
-            rev: None,
             reason: Some("the previous run of this job is still running (--overlap forbid)".into()),
+            ..ResultRecord::new(tick, &sh.node, Status::Skipped, manual)
         };
         let running = serde_json::json!({"node": sh.node, "tick": rfc3339_utc(tick as u64), "lease": session.lease.to_string()}).to_string();
         let sent = BootInstant::now();
@@ -296,16 +287,6 @@ pub async fn record_missed(sh: &Shared, job: &Job, tick: i64, now_ms: i64, super
 fn missed_result(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: bool) -> ResultRecord {
     let late = Duration::from_millis((now_ms - tick * 1000).max(0) as u64);
     ResultRecord {
-        tick: rfc3339_utc(tick as u64),
-        node: sh.node.clone(),
-        status: Status::Missed,
-        exit: None,
-        signal: None,
-        started: None,
-        duration: None,
-        cpu: None,
-        manual: false,
-        rev: None,
         reason: Some(if superseded {
             format!(
                 "not started before a newer tick was due (noticed {} after the tick; only the newest runs)",
@@ -318,6 +299,7 @@ fn missed_result(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: boo
                 fmt_secs(late)
             )
         }),
+        ..ResultRecord::new(tick, &sh.node, Status::Missed, false)
     }
 }
 
@@ -334,17 +316,8 @@ async fn run(sh: &Shared, session: &Session, job: &Job, tick: i64, rev: i64, man
     };
     let tick_text = rfc3339_utc(tick as u64);
     let mut result = ResultRecord {
-        tick: tick_text.clone(),
-        node: sh.node.clone(),
-        status: Status::Failed,
-        exit: None,
-        signal: None,
-        started: None,
-        duration: None,
-        cpu: None,
-        manual,
         rev: Some(rev),
-        reason: None,
+        ..ResultRecord::new(tick, &sh.node, Status::Failed, manual)
     };
     sh.metrics.running.fetch_add(1, Relaxed);
     execute(sh, session, job, tick, &ctx, &mut result).await;

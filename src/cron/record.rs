@@ -98,6 +98,25 @@ pub struct ResultRecord {
     pub reason: Option<String>,
 }
 
+impl ResultRecord {
+    /// A result of `status` for `tick` on `node`, every optional field empty.
+    pub fn new(tick: i64, node: &str, status: Status, manual: bool) -> ResultRecord {
+        ResultRecord {
+            tick: crate::keys::rfc3339_utc(tick.max(0) as u64),
+            node: node.to_string(),
+            status,
+            exit: None,
+            signal: None,
+            started: None,
+            duration: None,
+            cpu: None,
+            manual,
+            rev: None,
+            reason: None,
+        }
+    }
+}
+
 /// A `cron run` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trigger {

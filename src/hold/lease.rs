@@ -48,10 +48,10 @@ pub enum GrantError {
 #[derive(Debug)]
 pub struct Lease {
     id: LeaseId,
-    timing: Timing,
     etcd: Etcd,
     tx: watch::Sender<HoldState>,
-    rx: watch::Receiver<HoldState>,
+    /// The state as this lease's owner reads it (timing included).
+    own: HoldView,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -93,10 +93,9 @@ impl Lease {
         ));
         Ok(Lease {
             id,
-            timing,
             etcd: etcd.clone(),
             tx,
-            rx,
+            own: HoldView { rx, timing },
             cancel,
             tasks: vec![keeper],
         })
@@ -107,34 +106,29 @@ impl Lease {
     }
 
     pub fn timing(&self) -> Timing {
-        self.timing
+        self.own.timing()
     }
 
     /// The current state (a copy).
     pub fn state(&self) -> HoldState {
-        self.rx.borrow().clone()
+        self.own.state()
     }
 
-    /// Resolve when the state changed since it was last read through this method or
-    /// [`Lease::state`]. Cancel-safe. Pends forever once both tasks ended.
+    /// Resolve when the state changed since it was last marked seen through this lease.
+    /// Cancel-safe. Pends forever once both tasks ended.
     pub async fn changed(&mut self) {
-        if self.rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        self.own.changed().await
     }
 
     /// Mark the state seen, so the next [`Lease::changed`] waits for a new change.
     pub fn mark_seen(&mut self) -> HoldState {
-        self.rx.borrow_and_update().clone()
+        self.own.mark_seen()
     }
 
     /// A read-only view of this lease's state, for a run loop that shares the lease with
     /// others (conchd runs every job under its one lease).
     pub fn view(&self) -> HoldView {
-        HoldView {
-            rx: self.rx.clone(),
-            timing: self.timing,
-        }
+        self.own.clone()
     }
 
     /// Record a loss found by the caller (e.g. a failed ownership re-check).
