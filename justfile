@@ -24,3 +24,10 @@ fetch-etcd:
 # Chaos test: three hosts as network namespaces, etcd + conch on each, faults a-f (needs root).
 chaos:
     bash test-cluster-chaos.sh
+
+# Benchmarks B1-B9 (quality.md §3) side by side with etcdctl / flock / etcd's own write latency;
+# prints one markdown table. `just bench --smoke`, `just bench --only B1,B7`, `just bench --rounds 3`.
+bench *ARGS:
+    scripts/ensure-deps.sh
+    cargo build --release --bins
+    scripts/bench.py {{ARGS}}
