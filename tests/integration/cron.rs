@@ -186,8 +186,12 @@ fn manual_run_runs_exactly_once_and_a_paused_job_does_not_fire() {
     add(&ctx, "quiet", "@every 1s", &[], &["--run", "100ms"]);
     ctx.wait_results("quiet", 1, Duration::from_secs(10));
     ctx.cron(["pause", "quiet"]).run().expect_code(0);
-    // Let any run in flight land, then nothing more may come for 3 ticks.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Let any run in flight land (every claim has its result), then nothing more may come
+    // for 3 ticks.
+    assert!(wait_until(Duration::from_secs(5), || ctx
+        .fires("quiet")
+        .len()
+        == ctx.results("quiet").len()));
     let before = ctx.results("quiet").len();
     assert!(
         wait_for(Duration::from_secs(3), || (ctx.results("quiet").len()
@@ -315,6 +319,7 @@ fn restart_claims_no_past_tick_and_rm_lets_a_run_finish() {
     ctx.wait_results("again", 2, Duration::from_secs(15));
     stop_all(&mut n1);
     let stopped_at = crate::harness::cron::now_unix();
+    // The outage itself (no conchd for 4 ticks), not a synchronisation.
     std::thread::sleep(Duration::from_secs(4));
     let mut n1 = start_nodes(&ctx, &["n1"]);
     let restarted_at = crate::harness::cron::now_unix();
