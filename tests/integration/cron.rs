@@ -2,68 +2,22 @@
 //! `--node`) on this host race for every tick; the journal of `conch-testchild` proves that
 //! no tick ran twice, and the records in etcd that each tick was decided once.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::harness::cron::status;
-use crate::harness::journal::{self, testchild};
-use crate::harness::{Ctx, Running, Signal, alive, wait_for, wait_until};
+use crate::harness::cron::{
+    add, assert_ran_as, per_node, start_nodes, status, stop_all, wait_registered,
+};
+use crate::harness::journal;
+use crate::harness::{Ctx, Signal, alive, wait_for, wait_until};
 
-/// `conch cron add <job> --schedule <s> [extra…] -- conch-testchild --journal J [child…]`.
-fn add(ctx: &Ctx, job: &str, schedule: &str, extra: &[&str], child: &[&str]) {
-    let j = journal::path_in(&ctx.dir);
-    let mut args: Vec<String> = vec![
-        "add".into(),
-        job.into(),
-        "--schedule".into(),
-        schedule.into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend([
-        "--".into(),
-        testchild().into(),
-        "--journal".into(),
-        j.to_string_lossy().into(),
-    ]);
-    args.extend(child.iter().map(|s| s.to_string()));
-    ctx.cron(&args).run().expect_code(0);
-}
-
-fn start_nodes(ctx: &Ctx, nodes: &[&str]) -> Vec<Running> {
-    nodes.iter().map(|n| ctx.conchd(n).spawn()).collect()
-}
-
-/// Waits until every conchd registered under node/.
-fn wait_registered(ctx: &Ctx, n: usize) {
-    let dir = format!("{}/v1/node/", ctx.prefix);
-    assert!(
-        wait_until(Duration::from_secs(15), || ctx.etcd.get_prefix(&dir).len()
-            >= n),
-        "{n} conchd did not register: {:?}",
-        ctx.etcd.get_prefix(&dir)
-    );
-}
-
-fn stop_all(nodes: &mut [Running]) {
-    for n in nodes.iter() {
-        n.signal(Signal::TERM);
-    }
-    for n in nodes.iter_mut() {
-        let out = n.wait_timeout(Duration::from_secs(20));
-        assert_eq!(
-            out.code,
-            Some(0),
-            "conchd did not stop cleanly: {}",
-            out.stderr
-        );
-    }
-}
+/// How long conchd may take to register.
+const REGISTER: Duration = Duration::from_secs(15);
 
 #[test]
 fn three_nodes_run_each_tick_of_a_per_second_job_exactly_once() {
     let ctx = Ctx::new("cron-3x1s");
     let mut nodes = start_nodes(&ctx, &["n1", "n2", "n3"]);
-    wait_registered(&ctx, 3);
+    wait_registered(&ctx, &["n1", "n2", "n3"], REGISTER);
     add(&ctx, "beat", "@every 1s", &[], &["--run", "300ms"]);
     ctx.wait_results("beat", 30, Duration::from_secs(60));
     stop_all(&mut nodes);
@@ -94,17 +48,10 @@ fn three_nodes_run_each_tick_of_a_per_second_job_exactly_once() {
     // The journal: no tick ran twice, each on the node its result names.
     let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
     for (t, v) in &runs {
-        let (node, rev) = ran
-            .get(&crate::harness::cron::rfc3339(*t))
-            .unwrap_or_else(|| panic!("tick {t} has an ok result but never ran"));
-        assert_eq!(v["node"].as_str().unwrap(), node);
-        assert_eq!(v["rev"].as_i64().unwrap(), *rev);
+        assert_ran_as(&ran, "beat", *t, v);
     }
     // More than one node took ticks: the race is real, not a single scheduler.
-    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
-    for (node, _) in ran.values() {
-        *per_node.entry(node.clone()).or_default() += 1;
-    }
+    let per_node = per_node(&ran);
     assert!(per_node.len() >= 2, "one node ran everything: {per_node:?}");
 }
 
@@ -112,7 +59,7 @@ fn three_nodes_run_each_tick_of_a_per_second_job_exactly_once() {
 fn a_five_second_job_runs_once_per_tick_not_once_per_node() {
     let ctx = Ctx::new("cron-3x5s");
     let mut nodes = start_nodes(&ctx, &["a", "b", "c"]);
-    wait_registered(&ctx, 3);
+    wait_registered(&ctx, &["a", "b", "c"], REGISTER);
     add(&ctx, "five", "@every 5s", &[], &["--run", "100ms"]);
     let results = ctx.wait_results("five", 3, Duration::from_secs(30));
     stop_all(&mut nodes);
@@ -134,7 +81,7 @@ fn a_five_second_job_runs_once_per_tick_not_once_per_node() {
 fn run_ttl_kills_the_tree_and_records_killed() {
     let ctx = Ctx::new("cron-ttl");
     let mut nodes = start_nodes(&ctx, &["n1"]);
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     add(
         &ctx,
         "long",
@@ -165,7 +112,7 @@ fn run_ttl_kills_the_tree_and_records_killed() {
 fn manual_run_runs_exactly_once_and_a_paused_job_does_not_fire() {
     let ctx = Ctx::new("cron-manual");
     let mut nodes = start_nodes(&ctx, &["n1", "n2", "n3"]);
-    wait_registered(&ctx, 3);
+    wait_registered(&ctx, &["n1", "n2", "n3"], REGISTER);
     // A schedule that will not fire during the test (once a year).
     add(&ctx, "adhoc", "@yearly", &[], &["--run", "100ms"]);
     let out = ctx.cron(["run", "adhoc"]).run();
@@ -211,7 +158,7 @@ fn manual_run_runs_exactly_once_and_a_paused_job_does_not_fire() {
 fn overlap_forbid_skips_ticks_while_a_run_lasts_longer_than_the_period() {
     let ctx = Ctx::new("cron-forbid");
     let mut nodes = start_nodes(&ctx, &["n1", "n2"]);
-    wait_registered(&ctx, 2);
+    wait_registered(&ctx, &["n1", "n2"], REGISTER);
     add(
         &ctx,
         "slow",
@@ -253,7 +200,7 @@ fn node_selector_restricts_which_nodes_run_a_job() {
             .args(["--labels", "role=db,zone=us"])
             .spawn(),
     ];
-    wait_registered(&ctx, 3);
+    wait_registered(&ctx, &["web1", "db1", "db2"], REGISTER);
     add(
         &ctx,
         "dbonly",
@@ -277,7 +224,7 @@ fn node_selector_restricts_which_nodes_run_a_job() {
 fn restart_claims_no_past_tick_and_rm_lets_a_run_finish() {
     let ctx = Ctx::new("cron-restart");
     let mut nodes = start_nodes(&ctx, &["n1"]);
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     let marker = ctx.path("go");
     add(
         &ctx,
@@ -352,7 +299,7 @@ fn restart_claims_no_past_tick_and_rm_lets_a_run_finish() {
 fn job_output_goes_to_conchds_stderr_prefixed_with_the_job_name() {
     let ctx = Ctx::new("cron-output");
     let mut nodes = start_nodes(&ctx, &["n1"]);
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     ctx.cron([
         "add",
         "greet",
@@ -389,7 +336,7 @@ fn sigterm_drains_runs_then_stops_them_writes_results_and_revokes() {
     let ctx = Ctx::new("cron-drain");
     // A run that finishes within the drain: conchd waits for it.
     let mut n1 = ctx.conchd("n1").args(["--drain-timeout", "20s"]).spawn();
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     add(&ctx, "short", "@yearly", &[], &["--run", "1500ms"]);
     ctx.cron(["run", "short"]).run().expect_code(0);
     let j = journal::path_in(&ctx.dir);
@@ -410,7 +357,7 @@ fn sigterm_drains_runs_then_stops_them_writes_results_and_revokes() {
 
     // A run that outlasts the drain (and ignores SIGTERM): stopped, recorded killed.
     let mut n1 = ctx.conchd("n1").args(["--drain-timeout", "1s"]).spawn();
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     add(
         &ctx,
         "long",
@@ -468,7 +415,7 @@ fn retention_keeps_the_newest_hundred_results_and_nothing_older_than_fourteen_da
         );
     }
     let mut nodes = start_nodes(&ctx, &["n1"]);
-    wait_registered(&ctx, 1);
+    wait_registered(&ctx, &["n1"], REGISTER);
     add(&ctx, "keep", "@every 1s", &[], &["--run", "50ms"]);
     // The node's first run of the job prunes its history.
     assert!(

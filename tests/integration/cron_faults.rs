@@ -11,89 +11,23 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::harness::cluster::Cluster;
-use crate::harness::cron::{now_unix, rfc3339, status};
-use crate::harness::journal::{self, boot_ms, ms, testchild};
+use crate::harness::cron::{
+    add_own_journal, assert_ran_as, journal_of, now_ms, now_unix, per_node, rfc3339, start_nodes,
+    status, stop_all, wait_registered,
+};
+use crate::harness::journal::{self, boot_ms, ms};
 use crate::harness::{Ctx, Etcd, Kv, Running, Signal, alive, wait_for, wait_until};
+
+/// How long conchd may take to register.
+const REGISTER: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// The journal of one job.
-fn journal_of(ctx: &Ctx, job: &str) -> PathBuf {
-    ctx.dir.join(format!("journal-{job}"))
-}
-
-/// `conch cron add <job> --schedule <s> [extra…] -- conch-testchild --journal <job's> [child…]`.
-fn add(ctx: &Ctx, job: &str, schedule: &str, extra: &[&str], child: &[&str]) {
-    let mut args: Vec<String> = vec![
-        "add".into(),
-        job.into(),
-        "--schedule".into(),
-        schedule.into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend([
-        "--".into(),
-        testchild().into(),
-        "--journal".into(),
-        journal_of(ctx, job).to_string_lossy().into(),
-    ]);
-    args.extend(child.iter().map(|s| s.to_string()));
-    ctx.cron(&args).run().expect_code(0);
-}
-
-fn start_nodes(ctx: &Ctx, nodes: &[&str]) -> Vec<Running> {
-    nodes.iter().map(|n| ctx.conchd(n).spawn()).collect()
-}
-
-/// Waits until exactly these nodes are registered under node/; returns their keys.
-#[track_caller]
-fn wait_registered(ctx: &Ctx, nodes: &[&str]) -> Vec<Kv> {
-    let dir = format!("{}/v1/node/", ctx.prefix);
-    let want: BTreeSet<String> = nodes.iter().map(|n| format!("{dir}{n}")).collect();
-    wait_for(Duration::from_secs(20), || {
-        let kvs = ctx.etcd.get_prefix(&dir);
-        let have: BTreeSet<String> = kvs.iter().map(|kv| kv.key.clone()).collect();
-        (have == want).then_some(kvs)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "{nodes:?} did not register: {:?}",
-            ctx.etcd.get_prefix(&dir)
-        )
-    })
-}
-
-/// SIGTERM every conchd; each must stop cleanly.
-#[track_caller]
-fn stop_all(nodes: &mut [Running]) {
-    for n in nodes.iter() {
-        n.signal(Signal::TERM);
-    }
-    for n in nodes.iter_mut() {
-        let out = n.wait_timeout(Duration::from_secs(20));
-        assert_eq!(
-            out.code,
-            Some(0),
-            "conchd did not stop cleanly: {}",
-            out.stderr
-        );
-    }
-}
-
-/// Now, Unix milliseconds (the wall clock conchd compares ticks with).
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// Like `wait_for`, polling every `period`: for long waits whose every look spawns etcdctl,
 /// so the polling does not load the machine the timing-sensitive daemons run on.
@@ -148,15 +82,6 @@ fn ls_last(ctx: &Ctx, job: &str) -> Value {
         .unwrap_or_else(|| panic!("{job} not in ls --json: {}", out.stdout))
 }
 
-/// Per-node count of ticks that ran (from `check_ticks`' map).
-fn per_node(ran: &BTreeMap<String, (String, i64)>) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for (node, _) in ran.values() {
-        *m.entry(node.clone()).or_default() += 1;
-    }
-    m
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. The winner's conchd SIGKILLed mid-run.
 
@@ -170,13 +95,13 @@ fn winner_sigkilled_mid_run_loses_its_tree_and_the_tick_is_never_rerun() {
     let ctx = Ctx::new("cronf-winner-kill");
     let names = ["n1", "n2", "n3"];
     let nodes = start_nodes(&ctx, &names);
-    wait_registered(&ctx, &names);
+    wait_registered(&ctx, &names, REGISTER);
     // Once a minute, at a second ~4 s from now: a single tick in this test's lifetime, so
     // the claim under test stays the job's newest (what `ls --last` reports).
     let second = (now_unix() + 4) % 60;
     let never = ctx.path("never-touched");
     let pids = ctx.path("pids");
-    add(
+    add_own_journal(
         &ctx,
         "long",
         &format!("{second} * * * * *"),
@@ -319,8 +244,8 @@ fn winner_sigkilled_mid_run_loses_its_tree_and_the_tick_is_never_rerun() {
 fn all_conchd_down_across_ticks_records_each_gap_tick_missed_once() {
     let ctx = Ctx::new("cronf-gap");
     let mut nodes = start_nodes(&ctx, &["n1", "n2"]);
-    wait_registered(&ctx, &["n1", "n2"]);
-    add(
+    wait_registered(&ctx, &["n1", "n2"], REGISTER);
+    add_own_journal(
         &ctx,
         "gap",
         "@every 2s",
@@ -454,11 +379,7 @@ fn check_gap(ctx: &Ctx, job: &str, last_before: i64, restart_ms: i64, nodes: &[&
         match status(&r) {
             "ok" => {
                 assert_eq!(f["decision"], "run");
-                let (node, rev) = ran
-                    .get(&rfc3339(t))
-                    .unwrap_or_else(|| panic!("tick {t} is ok but never ran"));
-                assert_eq!(r["node"].as_str().unwrap(), node);
-                assert_eq!(r["rev"].as_i64().unwrap(), *rev);
+                assert_ran_as(&ran, job, t, &r);
             }
             "missed" => {
                 assert!(t < first_ok, "tick {t} missed while conchd ran: {r}");
@@ -501,7 +422,7 @@ fn nodes_in_different_local_zones_compute_identical_ticks() {
         })
         .collect();
     let names: Vec<&str> = zones.iter().map(|(n, _)| *n).collect();
-    wait_registered(&ctx, &names);
+    wait_registered(&ctx, &names, REGISTER);
     let hour = |tz: &str, at: Option<i64>| -> u32 {
         let mut c = std::process::Command::new("date");
         c.env("TZ", tz);
@@ -520,14 +441,14 @@ fn nodes_in_different_local_zones_compute_identical_ticks() {
         assert_ne!(hour(tz, None), berlin_now, "{tz} has Berlin's hour here");
     }
     let hours = [berlin_now, (berlin_now + 1) % 24];
-    add(
+    add_own_journal(
         &ctx,
         "even",
         "*/2 * * * * *",
         &["--tz", "Europe/Berlin"],
         &["--run", "100ms"],
     );
-    add(
+    add_own_journal(
         &ctx,
         "third",
         "@every 3s",
@@ -536,7 +457,7 @@ fn nodes_in_different_local_zones_compute_identical_ticks() {
     );
     let pinned_schedule = format!("*/2 * {},{} * * *", hours[0], hours[1]);
     for n in &names {
-        add(
+        add_own_journal(
             &ctx,
             &format!("berlin-{n}"),
             &pinned_schedule,
@@ -581,11 +502,7 @@ fn nodes_in_different_local_zones_compute_identical_ticks() {
             assert_eq!(r["tick"], rfc3339(*t), "{job}: {r}");
             assert!(matches!(status(r), "ok" | "missed"), "{job} {t}: {r}");
             if status(r) == "ok" {
-                let (node, rev) = ran
-                    .get(&rfc3339(*t))
-                    .unwrap_or_else(|| panic!("{job}: tick {t} ok but never ran"));
-                assert_eq!(r["node"].as_str().unwrap(), node);
-                assert_eq!(r["rev"].as_i64().unwrap(), *rev);
+                assert_ran_as(&ran, &job, *t, r);
             }
         }
         if let Some(n) = job.strip_prefix("berlin-") {
@@ -677,14 +594,14 @@ fn dst_trial(label: &str, change: i64, fixed: &str) {
             "--node-selector",
             &format!("node={n}"),
         ];
-        add(
+        add_own_journal(
             &ctx,
             &format!("wild-{n}"),
             "*/5 * * * * *",
             &pin,
             &["--run", "50ms"],
         );
-        add(&ctx, &format!("fixed-{n}"), fixed, &pin, &["--run", "50ms"]);
+        add_own_journal(&ctx, &format!("fixed-{n}"), fixed, &pin, &["--run", "50ms"]);
     }
     let offset_ms = (change - 25) * 1000 - now_ms();
     let virtual_ms = move || now_ms() + offset_ms;
@@ -698,7 +615,7 @@ fn dst_trial(label: &str, change: i64, fixed: &str) {
                 .spawn()
         })
         .collect();
-    wait_registered(&ctx, &names);
+    wait_registered(&ctx, &names, REGISTER);
     // The (virtual) clock passing the change and 15 s more, then the last runs landing.
     assert!(
         wait_until(Duration::from_secs(60), || virtual_ms()
@@ -786,8 +703,8 @@ fn clock_offsets_never_run_a_tick_twice_over_200_ticks() {
         .map(|(n, off)| ctx.conchd(n).env("CONCH_TEST_CLOCK_OFFSET", off).spawn())
         .collect();
     let names: Vec<&str> = offsets.iter().map(|(n, _)| *n).collect();
-    wait_registered(&ctx, &names);
-    add(&ctx, "beat", "@every 1s", &[], &["--run", "100ms"]);
+    wait_registered(&ctx, &names, REGISTER);
+    add_own_journal(&ctx, "beat", "@every 1s", &[], &["--run", "100ms"]);
     // Results older than the retention floor (~2 min) are pruned while the test runs:
     // collect them as they come, and check that none is ever rewritten.
     let mut seen: BTreeMap<i64, (Kv, Option<Kv>)> = BTreeMap::new();
@@ -843,11 +760,7 @@ fn clock_offsets_never_run_a_tick_twice_over_200_ticks() {
         match st.as_str() {
             "ok" => {
                 assert_eq!(f["decision"], "run", "{t}: {f}");
-                let (node, rev) = ran
-                    .get(&rfc3339(*t))
-                    .unwrap_or_else(|| panic!("tick {t} ok but never ran"));
-                assert_eq!(r["node"].as_str().unwrap(), node);
-                assert_eq!(r["rev"].as_i64().unwrap(), *rev);
+                assert_ran_as(&ran, "beat", *t, &r);
             }
             "missed" | "skipped" => {
                 assert!(!ran.contains_key(&rfc3339(*t)), "tick {t} {st} but ran");
@@ -905,14 +818,14 @@ fn live_lease_count_stays_constant_over_100_ticks() {
     assert!(leases(&ctx).is_empty(), "a fresh etcd has no lease");
     let names = ["n1", "n2", "n3"];
     let mut nodes = start_nodes(&ctx, &names);
-    let reg = wait_registered(&ctx, &names);
+    let reg = wait_registered(&ctx, &names, REGISTER);
     let node_leases: BTreeSet<u64> = reg.iter().map(|kv| kv.lease).collect();
     let before = leases(&ctx);
     assert_eq!(before.len(), 3, "one lease per conchd: {before:?}");
     assert_eq!(before, node_leases, "the leases are the nodes'");
 
-    add(&ctx, "beat", "@every 1s", &[], &["--run", "100ms"]);
-    add(
+    add_own_journal(&ctx, "beat", "@every 1s", &[], &["--run", "100ms"]);
+    add_own_journal(
         &ctx,
         "solo",
         "@every 1s",
@@ -1028,7 +941,7 @@ fn healthz_turns_503_while_etcd_is_frozen_and_200_when_it_is_back() {
     let port = crate::harness::etcd::free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut node = ctx.conchd("n1").args(["--status-addr", &addr]).spawn();
-    wait_registered(&ctx, &["n1"]);
+    wait_registered(&ctx, &["n1"], REGISTER);
     let healthz = || http_get(&addr, "/healthz");
     let up = wait_for(Duration::from_secs(15), || {
         healthz().ok().filter(|(c, _)| *c == 200)
@@ -1118,9 +1031,9 @@ fn overlap_forbid_run_whose_node_is_partitioned_is_killed_by_d_without_overlap()
         .args(json_log)
         .env("CONCH_ENDPOINTS", cluster.endpoints())
         .spawn();
-    wait_registered(&ctx, &["a"]);
+    wait_registered(&ctx, &["a"], REGISTER);
     let go = ctx.path("go");
-    add(
+    add_own_journal(
         &ctx,
         "slow",
         "@every 1s",
@@ -1140,7 +1053,7 @@ fn overlap_forbid_run_whose_node_is_partitioned_is_killed_by_d_without_overlap()
     })
     .unwrap_or_else(|| panic!("a never ran slow\n--- a's stderr\n{}", a.stderr()));
     let b = ctx.conchd("b").args(json_log).spawn();
-    wait_registered(&ctx, &["a", "b"]);
+    wait_registered(&ctx, &["a", "b"], REGISTER);
     // b is live and racing: it records ticks skipped while a's run lasts.
     assert!(
         wait_until(Duration::from_secs(15), || ctx
@@ -1256,8 +1169,8 @@ fn a_lease_outage_on_the_only_node_leaves_no_tick_undecided() {
     let cluster = Cluster::start(&ctx.dir, 1);
     use_private(&mut ctx, &cluster);
     let mut node = ctx.conchd("n1").spawn();
-    wait_registered(&ctx, &["n1"]);
-    add(
+    wait_registered(&ctx, &["n1"], REGISTER);
+    add_own_journal(
         &ctx,
         "steady",
         "@every 1s",
