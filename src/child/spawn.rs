@@ -6,11 +6,9 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::{ChildCommand, SpawnError, supervisor, sys};
 
@@ -99,45 +97,47 @@ fn candidate(path: &Path) -> Candidate {
     }
 }
 
-/// The `Command` that starts `cmd`'s supervisor: `/proc/self/exe __supervise …` with the
-/// resolved program and the original argv, the supervisor's end of the socket `sock` passed
-/// through exec, stdio inherited, and the environment the child will have (filtered, then
-/// extended; the supervisor passes it on untouched). `cgroup` is the child's cgroup, `None`
-/// in pgroup mode (the child then leads a new process group). Keep `sock` open until the
-/// command has been spawned.
-pub(crate) fn command(
-    cmd: &ChildCommand,
+/// What starts `cmd`'s supervisor: `/proc/self/exe __supervise …` with the resolved program
+/// and the original argv, the supervisor's end of the socket `sock` passed through exec, stdio
+/// inherited (or, with `cmd.output`, stdout and stderr to it and stdin from `/dev/null`), and
+/// the environment the child will have (conch's minus [`STRIPPED_ENV`], then `cmd.env`; the
+/// supervisor passes it on untouched). `cgroup` is the child's cgroup, `None` in pgroup mode
+/// (the child then leads a new process group). Keep `sock` open until it has been spawned.
+pub(crate) fn command<'a>(
+    cmd: &'a ChildCommand,
     program: &Path,
-    sock: BorrowedFd<'_>,
+    sock: BorrowedFd<'a>,
     cgroup: Option<&Path>,
-) -> Command {
+) -> io::Result<sys::Launch<'a>> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == s))
+        .collect();
+    for (k, v) in &cmd.env {
+        env.retain(|(old, _)| old != k);
+        env.push((k.clone(), v.clone()));
+    }
     let args = supervisor::Args {
-        fd: sock.as_raw_fd(),
+        fd: sys::passed_fd_number(sock),
         cgroup: cgroup.map(Path::to_path_buf),
         program: program.as_os_str().to_owned(),
         argv: cmd.argv.clone(),
     };
-    let mut c = Command::new(supervisor::SELF_EXE);
-    c.arg0("conch")
-        .arg(supervisor::SUBCOMMAND)
-        .args(args.to_os_args());
-    for key in STRIPPED_ENV {
-        c.env_remove(key);
-    }
-    c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
-    if let Some(out) = &cmd.output {
-        // A failed dup leaves that stream inherited: output then reaches conch's own stderr
-        // unprefixed, which is better than not running the job.
-        c.stdin(std::process::Stdio::null());
-        if let Ok(fd) = out.try_clone() {
-            c.stdout(fd);
-        }
-        if let Ok(fd) = out.try_clone() {
-            c.stderr(fd);
-        }
-    }
-    sys::pass_fd(&mut c, sock);
-    c
+    let argv = [OsString::from("conch"), supervisor::SUBCOMMAND.into()]
+        .into_iter()
+        .chain(args.to_os_args());
+    sys::Launch::new(
+        OsStr::new(supervisor::SELF_EXE),
+        argv,
+        env,
+        cmd.output.as_ref().map(|o| o.as_fd()),
+        sock,
+    )
+    .ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an argument or environment variable contains a NUL byte",
+        )
+    })
 }
 
 /// PATH as the child will see it, when `cmd.env` sets one.

@@ -81,29 +81,32 @@ impl Tree {
                 return Err(other(e));
             }
         };
-        let mut command = spawn::command(
+        let launch = match spawn::command(
             cmd,
             &program,
             theirs.as_fd(),
             cgroup.as_ref().map(Cgroup::path),
-        );
+        ) {
+            Ok(launch) => launch,
+            Err(e) => {
+                discard(cgroup.as_ref());
+                return Err(other(e));
+            }
+        };
 
-        // Fork with the registry locked, so no pgroup sweep sees the supervisor unregistered.
+        // Spawn with the registry locked, so no pgroup sweep sees the supervisor unregistered.
         let mut live = registry::lock();
-        let spawned = command.spawn();
-        drop(command);
+        let spawned = launch.spawn();
+        drop(launch);
         drop(theirs); // the supervisor holds the only other end now
-        let supervisor = match spawned {
-            Ok(child) => child,
+        let supervisor_pid = match spawned {
+            Ok(pid) => pid,
             Err(e) => {
                 drop(live);
                 discard(cgroup.as_ref());
                 return Err(other(e));
             }
         };
-        // std's `Child` is dropped without waiting: the pidfd below owns the status.
-        let supervisor_pid = supervisor.id() as i32;
-        drop(supervisor);
         let supervisor_fd = match Pid::from_raw(supervisor_pid)
             .map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()))
         {

@@ -515,8 +515,7 @@ fn wall_at(tz: &Tz, t: i64) -> Option<NaiveDateTime> {
 
 fn offset_at(tz: &Tz, t: i64) -> Option<i32> {
     Some(
-        tz.0
-            .to_offset(jiff::Timestamp::from_second(t).ok()?)
+        tz.0.to_offset(jiff::Timestamp::from_second(t).ok()?)
             .seconds(),
     )
 }
@@ -550,7 +549,9 @@ enum Local {
     Repeated(i64, i64),
     /// The clocks went forward over it; `end` is the instant they changed, the first one
     /// after the skipped range.
-    Skipped { end: i64 },
+    Skipped {
+        end: i64,
+    },
 }
 
 impl Tz {
