@@ -21,6 +21,7 @@
 
 pub mod clock;
 pub mod daemonize;
+pub mod gate;
 pub mod metrics;
 pub mod notify;
 pub mod output;
@@ -94,6 +95,8 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
         stopping: stopping.clone(),
         json_output: cfg.json_output,
         runs_since_prune: Default::default(),
+        claims: gate::Gate::new(run::CLAIMS_IN_FLIGHT),
+        spawns: gate::Gate::new(run::SPAWNS_IN_PROGRESS),
     });
 
     // The owned background tasks.

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::WallClock;
+use super::gate::{Gate, Priority};
 use super::metrics::Metrics;
 use super::session::Session;
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
@@ -52,6 +53,14 @@ const CLAIM_RETRY_CAP: Duration = Duration::from_secs(2);
 const RESULT_RETRY_CAP: Duration = Duration::from_secs(5);
 const RESULT_BOUND_STOPPING: Duration = Duration::from_secs(5);
 
+/// Claim transactions one conchd has in flight at most: enough to keep etcd's batching busy,
+/// few enough that a burst of thousands of due ticks does not crowd out the lease's renewals
+/// or time itself out (see [`super::gate`]).
+pub const CLAIMS_IN_FLIGHT: usize = 32;
+
+/// Supervisor spawns in progress at most (each blocks a thread until its child has exec'd).
+pub const SPAWNS_IN_PROGRESS: usize = 4;
+
 /// What every tick task shares.
 #[derive(Debug)]
 pub struct Shared {
@@ -70,6 +79,9 @@ pub struct Shared {
     pub json_output: bool,
     /// Runs of each job on this node since its history was last pruned here.
     pub runs_since_prune: std::sync::Mutex<std::collections::HashMap<crate::keys::Name, u32>>,
+    /// Admission to claiming and to spawning, most urgent tick first.
+    pub claims: Arc<Gate>,
+    pub spawns: Arc<Gate>,
 }
 
 /// A manual run's trigger: its key and create revision.
@@ -108,6 +120,7 @@ pub async fn tick(
 ) -> TickEnd {
     let manual = trigger.is_some();
     let name = &job.name;
+    let priority = urgency(&job, tick, manual);
     let deadline_ms = (tick * 1000)
         .saturating_add(job.jitter_offset().as_millis() as i64)
         .saturating_add(job.starting_deadline.as_millis() as i64);
@@ -155,6 +168,11 @@ pub async fn tick(
             ..ResultRecord::new(tick, &sh.node, Status::Skipped, manual)
         };
         let running = serde_json::json!({"node": sh.node, "tick": rfc3339_utc(tick as u64), "lease": session.lease.to_string()}).to_string();
+        let permit = sh.claims.enter(priority).await;
+        if !manual && sh.clock.now_ms() > deadline_ms {
+            // Waited past the deadline behind more urgent claims: decide it at the top.
+            continue;
+        }
         let sent = BootInstant::now();
         let claimed = sh
             .store
@@ -169,6 +187,7 @@ pub async fn tick(
                 trigger.as_ref().map(|t| (t.key.as_str(), t.rev)),
             )
             .await;
+        drop(permit);
         sh.metrics
             .claim_latency
             .observe_ms((BootInstant::now() - sent).as_millis() as u64);
@@ -251,6 +270,18 @@ pub async fn tick(
             }
         }
     }
+}
+
+/// How urgent a tick is (smaller first): manual runs, then the job with the shorter period
+/// (the gap to its next tick), then the older tick. See [`super::gate`].
+fn urgency(job: &Job, tick: i64, manual: bool) -> Priority {
+    if manual {
+        return (0, tick);
+    }
+    let period_ms = job.schedule.next_after(tick).map_or(u64::MAX, |next| {
+        (next - tick).unsigned_abs().saturating_mul(1000)
+    });
+    (period_ms, tick)
 }
 
 /// The hold is alive and leaves room for a run: `D − now ≥ G + 1 s` (holds.md §4).
@@ -392,7 +423,9 @@ async fn execute(
     let started_ms = sh.clock.now_ms();
     let started = BootInstant::now();
     // Spawning blocks until the child has exec'd: keep it off the scheduler's thread.
+    let permit = sh.spawns.enter(urgency(job, tick, result.manual)).await;
     let spawned = tokio::task::spawn_blocking(move || Tree::spawn(&containment, &cmd)).await;
+    drop(permit);
     // Tick lag: from the tick (plus jitter) to the child having exec'd.
     let lag = sh.clock.now_ms() - tick * 1000 - job.jitter_offset().as_millis() as i64;
     sh.metrics.tick_lag.observe_ms(lag.max(0) as u64);
