@@ -72,6 +72,9 @@ pub struct Metrics {
     pub claim_latency: Histogram,
     /// Latency of the lease renewals that moved D, ms.
     pub renewal_latency: Histogram,
+    /// Starting a run's tree: from the spawn (after its turn at the gate) until the child has
+    /// exec'd, ms.
+    pub spawn_latency: Histogram,
     /// The last winner's claim time − tick time seen on a lost race, ms (clock skew + lag).
     pub observed_claim_offset_ms: AtomicI64,
     /// When (wall ms) a skew was last logged: at most once a minute.
@@ -99,6 +102,7 @@ impl Default for Metrics {
             run_duration: Histogram::new(RUN_BUCKETS),
             claim_latency: Histogram::new(CALL_BUCKETS),
             renewal_latency: Histogram::new(CALL_BUCKETS),
+            spawn_latency: Histogram::new(CALL_BUCKETS),
             observed_claim_offset_ms: AtomicI64::new(0),
             skew_logged_ms: AtomicI64::new(0),
             jobs_watching: std::sync::Arc::new(AtomicBool::new(false)),
@@ -219,6 +223,11 @@ impl Metrics {
             &mut out,
             "conch_etcd_claim_latency_seconds",
             "Latency of the tick-claim transaction.",
+        );
+        self.spawn_latency.render(
+            &mut out,
+            "conch_cron_spawn_latency_seconds",
+            "Time to start a run's tree (supervisor and child exec'd), after its turn to spawn.",
         );
         out
     }

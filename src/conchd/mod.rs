@@ -96,7 +96,7 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
         json_output: cfg.json_output,
         runs_since_prune: Default::default(),
         claims: gate::Gate::new(run::CLAIMS_IN_FLIGHT),
-        spawns: gate::Gate::new(run::SPAWNS_IN_PROGRESS),
+        spawns: gate::Gate::new(run::spawns_in_progress()),
     });
 
     // The owned background tasks.

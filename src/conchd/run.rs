@@ -58,8 +58,12 @@ const RESULT_BOUND_STOPPING: Duration = Duration::from_secs(5);
 /// or time itself out (see [`super::gate`]).
 pub const CLAIMS_IN_FLIGHT: usize = 32;
 
-/// Supervisor spawns in progress at most (each blocks a thread until its child has exec'd).
-pub const SPAWNS_IN_PROGRESS: usize = 4;
+/// Supervisor spawns in progress at most: four per CPU. Each blocks a thread until its child
+/// has exec'd, and most of that time is the new processes' own start-up on the CPUs, so more
+/// at once only lengthens each; fewer left CPUs idle (measured in B8, issue 6).
+pub fn spawns_in_progress() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get().saturating_mul(4))
+}
 
 /// What every tick task shares.
 #[derive(Debug)]
@@ -131,7 +135,7 @@ pub async fn tick(
     loop {
         let now_ms = sh.clock.now_ms();
         if !manual && now_ms > deadline_ms {
-            record_missed(&sh, &job, tick, now_ms, false).await;
+            Box::pin(record_missed(&sh, &job, tick, now_ms, false)).await;
             return TickEnd::Missed;
         }
         if sh.stopping.is_cancelled() {
@@ -174,19 +178,17 @@ pub async fn tick(
             continue;
         }
         let sent = BootInstant::now();
-        let claimed = sh
-            .store
-            .claim(
-                name,
-                tick,
-                job.spec.overlap,
-                &fire,
-                &running,
-                session.lease.0,
-                &skipped,
-                trigger.as_ref().map(|t| (t.key.as_str(), t.rev)),
-            )
-            .await;
+        let claimed = Box::pin(sh.store.claim(
+            name,
+            tick,
+            job.spec.overlap,
+            &fire,
+            &running,
+            session.lease.0,
+            &skipped,
+            trigger.as_ref().map(|t| (t.key.as_str(), t.rev)),
+        ))
+        .await;
         drop(permit);
         sh.metrics
             .claim_latency
@@ -194,7 +196,7 @@ pub async fn tick(
         match claimed {
             Ok(Claim::Won { rev }) => {
                 sh.metrics.claimed.fetch_add(1, Relaxed);
-                run(&sh, session, &job, tick, rev, manual).await;
+                Box::pin(run(&sh, session, &job, tick, rev, manual)).await;
                 return TickEnd::Ran;
             }
             Ok(Claim::WonUnderOldLease { rev }) => {
@@ -204,14 +206,14 @@ pub async fn tick(
                 // run now could overlap one elsewhere: the tick is recorded missed instead.
                 sh.metrics.claimed.fetch_add(1, Relaxed);
                 if job.spec.overlap == Overlap::Allow {
-                    run(&sh, session, &job, tick, rev, manual).await;
+                    Box::pin(run(&sh, session, &job, tick, rev, manual)).await;
                     return TickEnd::Ran;
                 }
                 let now_ms = sh.clock.now_ms();
                 let mut result = missed_result(&sh, &job, tick, now_ms, false);
                 result.rev = Some(rev);
                 result.reason = Some("claimed while conchd's lease was being lost; not run, since the overlap guard went with that lease (--overlap forbid)".into());
-                write_result(&sh, &job, tick, &result).await;
+                Box::pin(write_result(&sh, &job, tick, &result)).await;
                 return TickEnd::Missed;
             }
             Ok(Claim::Skipped) => {
@@ -293,6 +295,12 @@ fn fits(s: &Session, grace: Duration) -> bool {
 /// Record `tick` missed, once, if nobody decided it. `superseded`: a newer tick of the job
 /// was due too, and only the newest runs.
 pub async fn record_missed(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: bool) {
+    // A restart can find thousands of these at once: they queue with the claims.
+    let _permit = sh.claims.enter(urgency(job, tick, false)).await;
+    Box::pin(record_missed_now(sh, job, tick, now_ms, superseded)).await;
+}
+
+async fn record_missed_now(sh: &Shared, job: &Job, tick: i64, now_ms: i64, superseded: bool) {
     let fire = FireRecord {
         node: sh.node.clone(),
         lease: String::new(),
@@ -424,8 +432,12 @@ async fn execute(
     let started = BootInstant::now();
     // Spawning blocks until the child has exec'd: keep it off the scheduler's thread.
     let permit = sh.spawns.enter(urgency(job, tick, result.manual)).await;
+    let spawn_began = BootInstant::now();
     let spawned = tokio::task::spawn_blocking(move || Tree::spawn(&containment, &cmd)).await;
     drop(permit);
+    sh.metrics
+        .spawn_latency
+        .observe_ms((BootInstant::now() - spawn_began).as_millis() as u64);
     // Tick lag: from the tick (plus jitter) to the child having exec'd.
     let lag = sh.clock.now_ms() - tick * 1000 - job.jitter_offset().as_millis() as i64;
     sh.metrics.tick_lag.observe_ms(lag.max(0) as u64);
