@@ -158,6 +158,9 @@ pub(crate) fn run(args: Vec<OsString>) -> u8 {
     let _ = rustix::io::fcntl_setfd(&sock, rustix::io::FdFlags::CLOEXEC);
     // Fails only for a group leader, which a freshly forked process is not.
     let _ = rustix::process::setsid();
+    // Its command name would be `exe` (from `/proc/self/exe`); `ps`, `top` and `pgrep conch`
+    // should show what it is.
+    let _ = rustix::thread::set_name(c"conch");
     match Supervisor::start(sock, &args) {
         Ok(sup) => {
             // Start-up is over; keep only what the poll loop touches resident.
