@@ -1,32 +1,9 @@
 //! Bad input to `conch elect` (quality.md §4): exit 64, a message on stderr naming the
 //! problem, and nothing written to etcd, nothing run.
 
-use crate::harness::Ctx;
+use crate::harness::{Ctx, refused};
 
-/// Runs `conch <args>` and checks it is refused as a usage error whose message contains
-/// one of `mentions` (case-insensitive).
-#[track_caller]
-fn refused(name: &str, args: &[&str], mentions: &[&str]) {
-    let ctx = Ctx::new(name);
-    let ran = format!("{}/ran", ctx.dir.display());
-    let args: Vec<String> = args.iter().map(|a| a.replace("{ran}", &ran)).collect();
-    let out = ctx.conch().args(&args).run();
-    out.expect_code(64);
-    let stderr = out.stderr.to_lowercase();
-    assert!(
-        mentions.iter().any(|m| stderr.contains(&m.to_lowercase())),
-        "conch {args:?}: stderr should name the problem (one of {mentions:?}):\n{}",
-        out.stderr
-    );
-    assert!(ctx.read("ran").is_none(), "conch {args:?} ran the child");
-    assert!(
-        ctx.keys().is_empty(),
-        "conch {args:?} wrote to etcd: {:?}",
-        ctx.keys()
-    );
-}
-
-const CHILD: [&str; 4] = ["--", "sh", "-c", "echo ran > {ran}"];
+const CHILD: [&str; 4] = ["--", "sh", "-c", "echo ran > {dir}/ran"];
 
 fn elect(name: &str, flags: &[&str]) -> Vec<String> {
     let mut v = vec!["elect".to_string(), name.to_string()];

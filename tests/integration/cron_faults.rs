@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::cluster::Cluster;
+use crate::harness::conch::events;
 use crate::harness::cron::{
     add_own_journal, assert_ran_as, journal_of, now_ms, now_unix, per_node, rfc3339, start_nodes,
     status, stop_all, wait_registered,
@@ -1006,14 +1007,6 @@ fn healthz_turns_503_while_etcd_is_frozen_and_200_when_it_is_back() {
 
 // ---------------------------------------------------------------------------------------
 // 7. overlap=forbid, a run longer than the period, its node partitioned.
-
-/// conch's JSON log events on stderr.
-fn events(stderr: &str) -> Vec<Value> {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
-}
 
 /// An overlap=forbid per-second job whose run lasts until told; node `a` (through the fault
 /// proxy) runs it, node `b` (direct) skips the ticks meanwhile. `a` is partitioned: its run

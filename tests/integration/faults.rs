@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::harness::cluster::Cluster;
+use crate::harness::conch::events;
 use crate::harness::journal::{self, boot_ms, ms};
 use crate::harness::{Ctx, Running, Signal, proc, wait_until};
 
@@ -20,14 +21,6 @@ const GRACE: &str = "1s";
 const GRACE_MS: f64 = 1000.0;
 /// The journal's heartbeat: a tree's death is at most this long after its last record.
 const BEAT_MS: f64 = 5.0;
-
-/// conch's JSON log events on stderr, in order.
-fn events(stderr: &str) -> Vec<Value> {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
-}
 
 /// The first event called `name` (the `message` of conch's JSON log lines).
 fn event<'a>(evs: &'a [Value], name: &str) -> Option<&'a Value> {

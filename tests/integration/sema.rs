@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::cluster::Cluster;
+use crate::harness::conch::events;
 use crate::harness::journal::{self, boot_ms, ms};
-use crate::harness::{Conch, Ctx, Kv, Running, Signal, proc, wait_for, wait_until};
+use crate::harness::{self, Conch, Ctx, Kv, Running, Signal, proc, wait_for, wait_until};
 
 /// Bound on anything that should happen "soon" (a child starting, conch exiting).
 const SOON: Duration = Duration::from_secs(10);
@@ -244,14 +245,6 @@ fn interval_of(ctx: &Ctx, pid: i32) -> Option<journal::Interval> {
     journal::intervals(&journal::read(&journal::path_in(&ctx.dir)))
         .into_iter()
         .find(|i| i.pids.contains(&pid))
-}
-
-/// conch's JSON log events on stderr, in order.
-fn events(stderr: &str) -> Vec<Value> {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .collect()
 }
 
 fn event_ms(evs: &[Value], name: &str, field: &str) -> f64 {
@@ -1024,27 +1017,11 @@ fn who_without_max_shows_every_live_max() {
 // ---------------------------------------------------------------------------------------
 // Bad input (quality.md §4): 64, a message naming the problem, no key, nothing run.
 
+/// [`harness::refused`] for `conch <args> sh -c 'echo ran > {dir}/ran'`.
 #[track_caller]
 fn refused(test: &str, args: &[&str], mentions: &[&str]) {
-    let ctx = Ctx::new(test);
-    let out = ctx
-        .conch()
-        .args(args)
-        .args(ctx.sh("echo ran > {dir}/ran"))
-        .run();
-    out.expect_code(64);
-    let stderr = out.stderr.to_lowercase();
-    assert!(
-        mentions.iter().any(|m| stderr.contains(&m.to_lowercase())),
-        "conch {args:?}: stderr should name the problem (one of {mentions:?}):\n{}",
-        out.stderr
-    );
-    assert!(ctx.read("ran").is_none(), "conch {args:?} ran the child");
-    assert!(
-        ctx.keys().is_empty(),
-        "conch {args:?} wrote to etcd: {:?}",
-        ctx.keys()
-    );
+    let args = [args, &["sh", "-c", "echo ran > {dir}/ran"]].concat();
+    harness::refused(test, &args, mentions);
 }
 
 #[test]

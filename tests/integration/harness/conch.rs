@@ -211,6 +211,15 @@ impl Output {
     }
 }
 
+/// conch's JSON log events (`--log-format json`) in a captured stderr, in order; lines that
+/// are not JSON are skipped.
+pub fn events(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect()
+}
+
 /// A conch process that is running (or has ended and not yet been looked at).
 #[derive(Debug)]
 pub struct Running {

@@ -208,6 +208,32 @@ impl Ctx {
     }
 }
 
+/// Runs `conch <args>` (every `{dir}` replaced by the scratch directory) in a fresh [`Ctx`]
+/// named `test` and checks it is refused as a usage error (quality.md §4): exit 64, a
+/// message on stderr containing one of `mentions` (case-insensitive), no child run (the
+/// file `ran` in the scratch directory, which a child given as `echo ran > {dir}/ran`
+/// would write, does not exist), nothing written under the test's prefix.
+#[track_caller]
+pub fn refused(test: &str, args: &[&str], mentions: &[&str]) {
+    let ctx = Ctx::new(test);
+    let dir = ctx.dir.to_string_lossy().into_owned();
+    let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &dir)).collect();
+    let out = ctx.conch().args(&args).run();
+    out.expect_code(64);
+    let stderr = out.stderr.to_lowercase();
+    assert!(
+        mentions.iter().any(|m| stderr.contains(&m.to_lowercase())),
+        "conch {args:?}: stderr should name the problem (one of {mentions:?}):\n{}",
+        out.stderr
+    );
+    assert!(ctx.read("ran").is_none(), "conch {args:?} ran the child");
+    assert!(
+        ctx.keys().is_empty(),
+        "conch {args:?} wrote to etcd: {:?}",
+        ctx.keys()
+    );
+}
+
 impl Drop for Ctx {
     fn drop(&mut self) {
         for pid in self.tagged_processes() {
