@@ -183,7 +183,7 @@ fn build_spec(g: &GlobalArgs, a: &AddArgs) -> Result<JobSpec, u8> {
     let schedule = Schedule::parse(&a.schedule, &tz_default)
         .map_err(|e| usage(format!("bad --schedule: {e}")))?;
     if let Some(tz) = &a.tz
-        && tz != schedule.tz_name()
+        && !schedule.in_zone(tz)
     {
         return Err(usage(format!(
             "--tz {tz} contradicts the schedule's CRON_TZ={}",

@@ -170,9 +170,16 @@ impl Schedule {
         }
     }
 
-    /// The zone the schedule is read in (after any CRON_TZ= prefix), e.g. "Europe/Berlin".
+    /// The zone the schedule is read in (after any CRON_TZ= prefix), e.g. "Europe/Berlin",
+    /// spelled as the tz database does.
     pub fn tz_name(&self) -> &str {
         self.tz.name()
+    }
+
+    /// Whether `zone` names the zone the schedule is read in. Zone names are matched without
+    /// regard to case, as the tz database lookup does (`europe/berlin` is `Europe/Berlin`).
+    pub fn in_zone(&self, zone: &str) -> bool {
+        Tz::named(zone.trim()).is_some_and(|z| z.name() == self.tz_name())
     }
 
     /// The expression without any CRON_TZ=/TZ= prefix, trimmed.

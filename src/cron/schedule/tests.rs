@@ -485,3 +485,17 @@ fn accepts_crontab_forms_and_harmless_croner_extensions() {
         assert!(s.check_fires(0).is_ok(), "{expr:?}");
     }
 }
+
+#[test]
+fn zone_names_match_without_regard_to_case_and_are_stored_as_the_database_spells_them() {
+    let s = parse("CRON_TZ=europe/berlin 0 * * * *", "UTC");
+    assert_eq!(s.tz_name(), "Europe/Berlin");
+    assert!(s.in_zone("Europe/Berlin"));
+    assert!(s.in_zone("EUROPE/BERLIN"));
+    assert!(!s.in_zone("UTC"));
+    assert!(!s.in_zone("Mars/Base"));
+    // A link keeps its own name: it is the zone the user named.
+    let link = parse("0 * * * *", "US/Eastern");
+    assert_eq!(link.tz_name(), "US/Eastern");
+    assert!(!link.in_zone("America/New_York"));
+}
