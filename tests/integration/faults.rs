@@ -449,6 +449,7 @@ fn frozen_etcd_leader_never_overlaps() {
         "leader frozen 6 s",
         |cluster, leader| {
             cluster.stop(leader);
+            // The freeze itself, longer than an election: not a synchronisation.
             std::thread::sleep(Duration::from_secs(6));
             cluster.cont(leader);
         },
@@ -461,15 +462,28 @@ fn leader_fault(name: &str, label: &str, fault: impl FnOnce(&mut Cluster, usize)
     let ctx = Ctx::new(name);
     let mut cluster = Cluster::start(&ctx.dir, 3);
     let mut a = holder(&ctx, "l", "a", &cluster.endpoints(), &[], &[]);
-    running(&ctx, "a", &mut a);
+    let held = running(&ctx, "a", &mut a);
     let mut b = holder(&ctx, "l", "b", &cluster.endpoints(), &[], &[]);
     wait_candidates(&ctx, &cluster, "l", 2);
     let leader = cluster.wait_leader(Duration::from_secs(10));
     fault(&mut cluster, leader);
     cluster.wait_leader(Duration::from_secs(15));
-    // Give a lost hold time to show in the journal (a successor) before judging.
-    std::thread::sleep(Duration::from_secs(4));
-    let survived = a.is_running();
+    let recovered = boot_ms();
+    // Judge once the outcome shows: either conch lost the hold and exits, or its tree still
+    // beats after D ≤ (a renewal sent before the recovery) + 3710 ms could have passed, which
+    // proves a renewal sent after the recovery was answered: the hold survived the fault.
+    let survived = proc::wait_for(Duration::from_secs(20), || {
+        if !a.is_running() {
+            return Some(false);
+        }
+        (last_record_ms(&ctx, held.rev) > recovered + 3710.0).then_some(true)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "conch neither exited nor kept its tree running after the fault\n--- stderr\n{}",
+            a.stderr()
+        )
+    });
     if !survived {
         let out = a.wait_timeout(Duration::from_secs(5));
         out.expect_code(70);
@@ -511,6 +525,7 @@ fn whole_cluster_down_then_back() {
         "tree ran {:.0} ms after etcd went down",
         died - down
     );
+    // The outage itself: the cluster stays down longer than the TTL.
     std::thread::sleep(Duration::from_secs(5));
     cluster.restart_all();
     let second = proc::wait_for(Duration::from_secs(60), || {
@@ -612,6 +627,7 @@ fn conch_sigstopped_loses_by_d_and_never_resumes_the_old_rev() {
     assert!(died < last_alive, "the tree outlived the lease");
     let next = running(&ctx, "b", &mut b);
     assert!(ms(next.first_ns) > last_alive);
+    // Keep conch stopped well past its lease's expiry (2×TTL in all): the outage itself.
     std::thread::sleep(Duration::from_secs(4));
     a.signal(Signal::CONT);
     let resumed = boot_ms();
@@ -619,19 +635,33 @@ fn conch_sigstopped_loses_by_d_and_never_resumes_the_old_rev() {
     assert!(wait_until(Duration::from_secs(10), || a
         .stderr()
         .contains("\"message\":\"lost\"")));
-    std::thread::sleep(Duration::from_secs(2));
-    let recs = journal::read(&journal::path_in(&ctx.dir));
-    assert!(
-        recs.iter()
-            .filter(|r| r.rev == Some(held.rev))
-            .all(|r| ms(r.ns) < resumed),
-        "the old rev ran again after SIGCONT"
-    );
-    assert_eq!(
+    let campaigns = |a: &Running| {
         events(&a.stderr())
             .iter()
+            .filter(|e| e["message"] == "campaign")
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || campaigns(&a) >= 2),
+        "conch did not campaign again after the loss\n--- stderr\n{}",
+        a.stderr()
+    );
+    wait_candidates(&ctx, &cluster, "s", 2);
+    let old_rev_quiet = || {
+        journal::read(&journal::path_in(&ctx.dir))
+            .iter()
+            .filter(|r| r.rev == Some(held.rev))
+            .all(|r| ms(r.ns) < resumed)
+    };
+    let child_starts = |stderr: &str| {
+        events(stderr)
+            .iter()
             .filter(|e| e["message"] == "child-start")
-            .count(),
+            .count()
+    };
+    assert!(old_rev_quiet(), "the old rev ran again after SIGCONT");
+    assert_eq!(
+        child_starts(&a.stderr()),
         1,
         "conch started no child while b holds"
     );
@@ -640,6 +670,14 @@ fn conch_sigstopped_loses_by_d_and_never_resumes_the_old_rev() {
         r.signal(Signal::TERM);
         r.wait_timeout(Duration::from_secs(15));
     }
+    // And not up to the end either: a, still queued behind b, exited first.
+    assert!(old_rev_quiet(), "the old rev ran again after SIGCONT");
+    assert_eq!(
+        child_starts(&a.stderr()),
+        1,
+        "conch started no child while b holds"
+    );
+    journal::check(&journal::path_in(&ctx.dir), 1);
     println!(
         "conch SIGSTOPped: tree dead {:.0} ms after the stop (D ≤ 3710 ms), lease last seen alive {:.0} ms after; \
          successor started {:.0} ms after the stop",

@@ -151,6 +151,7 @@ fn soak_mixed_faults_never_overlap() {
             }
             _ => std::thread::sleep(pause),
         }
+        // A random gap between faults (the schedule itself, not a synchronisation).
         std::thread::sleep(Duration::from_millis(rng.u64(200..1500)));
     }
 
