@@ -5,7 +5,7 @@
 //! `waitpid`) when the tree is finished.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -164,6 +164,16 @@ impl Link {
         if let Some(sock) = &self.sock {
             poll_one(sock, PollFlags::IN, timeout);
         }
+    }
+
+    /// Tell a warm supervisor to start the child described in `spec` (a memfd). Fails if the
+    /// supervisor is gone.
+    pub(crate) fn go(&self, spec: BorrowedFd<'_>) -> io::Result<()> {
+        let sock = self
+            .sock
+            .as_ref()
+            .ok_or_else(|| io::Error::other("supervisor link closed"))?;
+        proto::send(sock.as_fd(), Msg::Go, Some(spec))
     }
 
     /// Tell the supervisor the instant by which the tree must be dead (`None`: no deadline).

@@ -177,6 +177,13 @@ impl Tree {
         Tree::spawn_impl(containment, cmd)
     }
 
+    /// Start a supervisor ahead of its child, to take its start-up off the path between
+    /// "the hold is ours" and "the child runs": call while acquiring, then [`Warm::start`].
+    /// The warm supervisor starts nothing until then; dropped unused, it is killed and reaped.
+    pub fn prepare() -> std::io::Result<Warm> {
+        Tree::prepare_impl()
+    }
+
     /// Tell the supervisor the instant D by which the whole tree must be dead (`None`: no
     /// deadline). If D passes without a newer one — conch is stopped, frozen or wedged — the
     /// supervisor kills the tree on its own and exits; [`Tree::wait`] then reports the kill.
@@ -278,6 +285,53 @@ impl Tree {
     /// partly signalled; calling `shutdown` again, or dropping the `Tree`, finishes the job.
     pub async fn shutdown(&mut self, grace: Duration) -> Exit {
         self.shutdown_impl(grace).await
+    }
+}
+
+/// A supervisor started by [`Tree::prepare`], waiting to start a child.
+#[derive(Debug)]
+pub struct Warm {
+    /// `None` once started.
+    parts: Option<WarmParts>,
+}
+
+#[derive(Debug)]
+pub(crate) struct WarmParts {
+    id: u64,
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+    sock: OwnedFd,
+    /// The number of the supervisor's end of the socket in the supervisor.
+    fd: i32,
+    reaped: Arc<AtomicBool>,
+}
+
+impl Warm {
+    /// [`Tree::spawn`] through this supervisor: the same containment, environment, errors and
+    /// blocking. A job whose output goes to a pipe (`cmd.output`), or a supervisor that died
+    /// while it waited, gets a freshly started supervisor instead.
+    pub fn start(
+        mut self,
+        containment: &Containment,
+        cmd: &ChildCommand,
+    ) -> Result<Tree, SpawnError> {
+        match self.parts.take() {
+            Some(parts) if cmd.output.is_none() => Tree::start_warm(parts, containment, cmd),
+            other => {
+                drop(Warm { parts: other });
+                Tree::spawn_impl(containment, cmd)
+            }
+        }
+    }
+}
+
+impl Drop for Warm {
+    /// Close the socket (the supervisor exits on end-of-file), kill it to be sure, reap it.
+    fn drop(&mut self) {
+        if let Some(parts) = self.parts.take() {
+            link::Link::new(parts.sock, parts.pid, parts.pidfd).abort();
+            registry::unregister(parts.id);
+        }
     }
 }
 

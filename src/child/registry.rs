@@ -40,7 +40,8 @@ pub(crate) struct Live {
     pub child: Option<Direct>,
     /// Set once the direct child is reaped (its pid, and so its pgid, may then be reused).
     pub reaped: Arc<AtomicBool>,
-    pub scope: Scope,
+    /// `None` while the supervisor waits, warm, for a child to start ([`super::Warm`]).
+    pub scope: Option<Scope>,
 }
 
 static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
@@ -75,6 +76,13 @@ pub(crate) fn directs(live: &[Live]) -> HashSet<i32> {
         .collect()
 }
 
+/// A warm supervisor (tree `id`) is about to start its child in `scope`.
+pub(crate) fn set_scope(id: u64, scope: Scope) {
+    if let Some(entry) = lock().iter_mut().find(|l| l.id == id) {
+        entry.scope = Some(scope);
+    }
+}
+
 /// Record the direct child the supervisor of tree `id` reported.
 pub(crate) fn set_child(id: u64, child: Direct) {
     if let Some(entry) = lock().iter_mut().find(|l| l.id == id) {
@@ -96,7 +104,8 @@ pub(crate) fn kill(live: &[Live], entry: &Live) {
         }
     }
     match &entry.scope {
-        Scope::Cgroup(cg) => {
+        None => {}
+        Some(Scope::Cgroup(cg)) => {
             match cg.kill() {
                 Ok(()) => {}
                 // Already removed: the tree was emptied before.
@@ -105,7 +114,7 @@ pub(crate) fn kill(live: &[Live], entry: &Live) {
                 Err(e) => tracing::warn!(error = %e, "cgroup-kill-failed"),
             }
         }
-        Scope::Pgroup => {
+        Some(Scope::Pgroup) => {
             if let Some(child) = &entry.child {
                 let pinned = !entry.reaped.load(Ordering::Acquire);
                 pgroup::sweep(

@@ -109,30 +109,70 @@ pub(crate) fn command<'a>(
     sock: BorrowedFd<'a>,
     cgroup: Option<&Path>,
 ) -> io::Result<sys::Launch<'a>> {
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == s))
-        .collect();
-    for (k, v) in &cmd.env {
-        env.retain(|(old, _)| old != k);
-        env.push((k.clone(), v.clone()));
-    }
-    let args = supervisor::Args {
-        fd: sys::passed_fd_number(sock),
-        cgroup: cgroup.map(Path::to_path_buf),
-        program: program.as_os_str().to_owned(),
-        argv: cmd.argv.clone(),
-    };
+    let args = supervisor_args(cmd, program, sys::passed_fd_number(sock), cgroup);
     let argv = [OsString::from("conch"), supervisor::SUBCOMMAND.into()]
         .into_iter()
         .chain(args.to_os_args());
-    sys::Launch::new(
-        OsStr::new(supervisor::SELF_EXE),
+    launch(
         argv,
-        env,
+        child_env(cmd),
         cmd.output.as_ref().map(|o| o.as_fd()),
         sock,
     )
-    .ok_or_else(|| {
+}
+
+/// What starts a *warm* supervisor ([`super::Warm`]): `/proc/self/exe __supervise --fd N
+/// --warm`, stdio inherited, conch's environment minus [`STRIPPED_ENV`] (the child's comes
+/// with `go`).
+pub(crate) fn warm_command(sock: BorrowedFd<'_>) -> io::Result<sys::Launch<'_>> {
+    let argv = [
+        OsString::from("conch"),
+        supervisor::SUBCOMMAND.into(),
+        "--fd".into(),
+        sys::passed_fd_number(sock).to_string().into(),
+        supervisor::WARM.into(),
+    ];
+    launch(argv, child_env_from(std::iter::empty()), None, sock)
+}
+
+/// The supervisor's arguments for `cmd`; `fd` is the number its socket has in it.
+pub(crate) fn supervisor_args(
+    cmd: &ChildCommand,
+    program: &Path,
+    fd: i32,
+    cgroup: Option<&Path>,
+) -> supervisor::Args {
+    supervisor::Args {
+        fd,
+        cgroup: cgroup.map(Path::to_path_buf),
+        program: program.as_os_str().to_owned(),
+        argv: cmd.argv.clone(),
+    }
+}
+
+/// The child's environment: conch's minus [`STRIPPED_ENV`], then `cmd.env`.
+pub(crate) fn child_env(cmd: &ChildCommand) -> Vec<(OsString, OsString)> {
+    child_env_from(cmd.env.iter().cloned())
+}
+
+fn child_env_from(extra: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == s))
+        .collect();
+    for (k, v) in extra {
+        env.retain(|(old, _)| *old != k);
+        env.push((k, v));
+    }
+    env
+}
+
+fn launch<'a>(
+    argv: impl IntoIterator<Item = OsString>,
+    env: Vec<(OsString, OsString)>,
+    output: Option<BorrowedFd<'a>>,
+    sock: BorrowedFd<'a>,
+) -> io::Result<sys::Launch<'a>> {
+    sys::Launch::new(OsStr::new(supervisor::SELF_EXE), argv, env, output, sock).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             "an argument or environment variable contains a NUL byte",

@@ -400,21 +400,29 @@ pub(crate) struct Exec {
 }
 
 impl Exec {
-    /// `program` (a path: no PATH search), `argv` (argv[0] included) and this process's
-    /// environment. `None` if any of them contains a NUL byte.
-    pub(crate) fn new(program: &std::ffi::OsStr, argv: &[std::ffi::OsString]) -> Option<Exec> {
+    /// `program` (a path: no PATH search), `argv` (argv[0] included) and the environment
+    /// `env` (`KEY=value` each), or this process's when `None`. `None` if any of them
+    /// contains a NUL byte.
+    pub(crate) fn new(
+        program: &std::ffi::OsStr,
+        argv: &[std::ffi::OsString],
+        env: Option<&[std::ffi::OsString]>,
+    ) -> Option<Exec> {
         use std::os::unix::ffi::OsStrExt;
         let c = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_bytes()).ok();
         let program = c(program)?;
         let argv: Vec<_> = argv.iter().map(|a| c(a)).collect::<Option<_>>()?;
-        let envp: Vec<_> = std::env::vars_os()
-            .map(|(k, v)| {
-                let mut kv = k;
-                kv.push("=");
-                kv.push(v);
-                c(&kv)
-            })
-            .collect::<Option<_>>()?;
+        let envp: Vec<_> = match env {
+            Some(env) => env.iter().map(|kv| c(kv)).collect::<Option<_>>()?,
+            None => std::env::vars_os()
+                .map(|(k, v)| {
+                    let mut kv = k;
+                    kv.push("=");
+                    kv.push(v);
+                    c(&kv)
+                })
+                .collect::<Option<_>>()?,
+        };
         let ptrs = |v: &[std::ffi::CString]| {
             v.iter()
                 .map(|s| s.as_ptr())

@@ -436,3 +436,119 @@ fn containment_decisions() {
     let pg = Containment::resolve(ContainmentRequest::Pgroup, None).unwrap();
     assert_eq!((pg.mode, pg.cgroup_root), (ContainmentMode::Pgroup, None));
 }
+
+/// The pid of a warm supervisor, pinned.
+fn warm_supervisor(warm: &Warm) -> OwnedFd {
+    let parts = warm.parts.as_ref().expect("not started yet");
+    pin(&parts.pid.to_string())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_warm_supervisor_starts_the_child_as_spawn_would() {
+    let _shared = PROCESSES.read().await;
+    let root = TestRoot::new();
+    let dir = Scratch::new();
+    let warm = Tree::prepare().unwrap();
+    let supervisor = warm_supervisor(&warm);
+    // It starts nothing on its own: no child appears while it waits.
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        warm.parts.as_ref().unwrap().pid,
+        warm.parts.as_ref().unwrap().pid
+    ))
+    .unwrap_or_default();
+    assert_eq!(children.trim(), "", "a warm supervisor has no child");
+    let mut cmd = sh(
+        r#"cat /proc/self/cgroup > "$D/cg"; echo "$CONCH_TEST_VAR" > "$D/env"; exit 7"#,
+        &dir.0,
+    );
+    cmd.env.push(("CONCH_TEST_VAR".into(), "warm".into()));
+    let mut tree = warm.start(&in_cgroup(&root), &cmd).unwrap();
+    assert_eq!(tree.mode(), ContainmentMode::Cgroup);
+    let cg_dir = tree.cgroup_path().unwrap().to_path_buf();
+    assert_eq!(tree.wait().await, Exit::Code(7));
+    assert_eq!(read_when_written(&dir.file("env")).await, "warm");
+    let text = std::fs::read_to_string(dir.file("cg")).unwrap();
+    let own = crate::cgroup::parse_own_cgroup(&text).unwrap();
+    let mount = crate::cgroup::Hierarchy::detect().unwrap().mount;
+    assert_eq!(
+        mount.join(own.trim_start_matches('/')),
+        cg_dir,
+        "born in its cgroup"
+    );
+    assert_eq!(tree.shutdown(Duration::from_secs(1)).await, Exit::Code(7));
+    assert!(
+        exited(&supervisor),
+        "the same supervisor ran it and is gone"
+    );
+    assert!(!cg_dir.exists());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_unused_warm_supervisor_is_reaped_and_a_dead_one_replaced() {
+    let _shared = PROCESSES.read().await;
+    let root = TestRoot::new();
+    let dir = Scratch::new();
+    // Dropped unused: gone, and reaped (no zombie left behind).
+    let warm = Tree::prepare().unwrap();
+    let pid = warm.parts.as_ref().unwrap().pid;
+    let supervisor = warm_supervisor(&warm);
+    drop(warm);
+    assert!(exited(&supervisor));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z ")),
+        "reaped, not a zombie"
+    );
+    // Killed while waiting: `start` starts a fresh supervisor and the child still runs.
+    let warm = Tree::prepare().unwrap();
+    let supervisor = warm_supervisor(&warm);
+    rustix::process::pidfd_send_signal(&supervisor, rustix::process::Signal::KILL).unwrap();
+    eventually("the warm supervisor to die", || exited(&supervisor)).await;
+    let mut tree = warm
+        .start(&in_cgroup(&root), &sh(r#"echo ran > "$D/ran""#, &dir.0))
+        .unwrap();
+    assert_eq!(tree.wait().await, Exit::Code(0));
+    assert_eq!(read_when_written(&dir.file("ran")).await, "ran");
+    assert_eq!(tree.shutdown(Duration::from_secs(1)).await, Exit::Code(0));
+    // Errors are the same as spawn's, and leave nothing behind.
+    let warm = Tree::prepare().unwrap();
+    let supervisor = warm_supervisor(&warm);
+    let mut missing = sh("", &dir.0);
+    missing.argv = vec![OsString::from("conch-test-no-such-program")];
+    assert!(matches!(
+        warm.start(&in_cgroup(&root), &missing),
+        Err(SpawnError::NotFound(name)) if name == "conch-test-no-such-program"
+    ));
+    assert!(exited(&supervisor), "the unused supervisor is gone");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_warm_supervisor_in_pgroup_mode_is_no_orphan_of_another_tree() {
+    let _exclusive = PROCESSES.write().await;
+    let dir = Scratch::new();
+    let warm = Tree::prepare().unwrap();
+    let supervisor = warm_supervisor(&warm);
+    // A pgroup tree ends while the warm supervisor (conch's child too) waits: its sweeps must
+    // neither count nor kill the warm supervisor.
+    let mut other = Tree::spawn(&in_pgroup(), &sh("exit 0", &dir.0)).unwrap();
+    assert_eq!(other.wait().await, Exit::Code(0));
+    let exit = tokio::time::timeout(PATIENCE, other.shutdown(Duration::from_millis(50)))
+        .await
+        .expect("the pgroup tree empties although a warm supervisor waits");
+    assert_eq!(exit, Exit::Code(0));
+    assert!(
+        !exited(&supervisor),
+        "the sweep left the warm supervisor alone"
+    );
+    let mut tree = warm
+        .start(&in_pgroup(), &sh(r#"echo ran > "$D/ran""#, &dir.0))
+        .unwrap();
+    assert_eq!(tree.mode(), ContainmentMode::Pgroup);
+    assert_eq!(tree.wait().await, Exit::Code(0));
+    assert_eq!(read_when_written(&dir.file("ran")).await, "ran");
+    tokio::time::timeout(PATIENCE, tree.shutdown(Duration::from_millis(50)))
+        .await
+        .unwrap();
+}

@@ -13,7 +13,10 @@ use rustix::process::{Pid, PidfdFlags, Signal};
 use super::link::{self, Handshake, Link, Polled};
 use super::registry::{self, Direct, Live, Scope};
 use super::supervisor::proto;
-use super::{ChildCommand, Containment, ContainmentMode, Exit, SpawnError, Tree, pgroup, spawn};
+use super::{
+    ChildCommand, Containment, ContainmentMode, Exit, SpawnError, Tree, Warm, WarmParts, pgroup,
+    spawn,
+};
 use crate::cgroup::{Cgroup, CgroupError};
 
 /// How often pgroup mode re-scans `/proc` while waiting for the tree to empty: short enough
@@ -46,30 +49,7 @@ impl Tree {
             source,
         };
         let program = spawn::resolve_program(argv0, spawn::child_path(cmd).map(|p| p.as_os_str()))?;
-
-        let cgroup = match containment.mode {
-            ContainmentMode::Cgroup => {
-                let leaf = &cmd.cgroup_leaf;
-                if leaf.is_empty() || leaf.contains('/') || leaf == "." || leaf == ".." {
-                    return Err(other(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("invalid cgroup name {leaf:?}"),
-                    )));
-                }
-                let root = containment.cgroup_root.as_ref().ok_or_else(|| {
-                    other(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "cgroup containment without a cgroup root",
-                    ))
-                })?;
-                Some(Cgroup::create(root.join(leaf)).map_err(|e| other(io::Error::other(e)))?)
-            }
-            ContainmentMode::Pgroup => {
-                rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
-                    .map_err(|e| other(e.into()))?;
-                None
-            }
-        };
+        let cgroup = contain(containment, cmd).map_err(other)?;
         let scope = match &cgroup {
             Some(cg) => Scope::Cgroup(cg.clone()),
             None => Scope::Pgroup,
@@ -94,46 +74,29 @@ impl Tree {
             }
         };
 
-        // Spawn with the registry locked, so no pgroup sweep sees the supervisor unregistered.
-        let mut live = registry::lock();
-        let spawned = launch.spawn();
-        drop(launch);
+        let registered = register(launch, Some(scope.clone()));
         drop(theirs); // the supervisor holds the only other end now
-        let supervisor_pid = match spawned {
-            Ok(pid) => pid,
+        let (id, supervisor_pid, supervisor_fd, reaped) = match registered {
+            Ok(r) => r,
             Err(e) => {
-                drop(live);
                 discard(cgroup.as_ref());
                 return Err(other(e));
             }
         };
-        let supervisor_fd = match Pid::from_raw(supervisor_pid)
-            .map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty()))
-        {
-            Some(Ok(fd)) => Arc::new(fd),
-            failed => {
-                drop(live);
-                abandon(supervisor_pid);
-                discard(cgroup.as_ref());
-                return Err(other(match failed {
-                    Some(Err(e)) => e.into(),
-                    _ => io::Error::other("invalid pid"),
-                }));
-            }
-        };
-        let reaped = Arc::new(AtomicBool::new(false));
-        let id = registry::next_id();
-        live.push(Live {
-            id,
-            supervisor: supervisor_pid,
-            supervisor_fd: Arc::clone(&supervisor_fd),
-            child: None,
-            reaped: Arc::clone(&reaped),
-            scope: scope.clone(),
-        });
-        drop(live);
+        let link = Link::new(ours, supervisor_pid, supervisor_fd);
+        Tree::handshake(id, link, reaped, scope, cgroup, argv0)
+    }
 
-        let mut link = Link::new(ours, supervisor_pid, supervisor_fd);
+    /// Wait for the supervisor behind `link` (registered as `id`) to report the child, and
+    /// make the `Tree`; on failure kill what was started and remove the cgroup.
+    fn handshake(
+        id: u64,
+        mut link: Link,
+        reaped: Arc<AtomicBool>,
+        scope: Scope,
+        cgroup: Option<Cgroup>,
+        argv0: &std::ffi::OsStr,
+    ) -> Result<Tree, SpawnError> {
         let failure = match link.handshake() {
             Handshake::Spawned { pid, pidfd } => {
                 let pidfd = Arc::new(pidfd);
@@ -157,12 +120,97 @@ impl Tree {
                 });
             }
             Handshake::Refused(e) => spawn::map_error(argv0, e),
-            Handshake::Broken(e) => other(e),
+            Handshake::Broken(e) => SpawnError::Other {
+                cmd: spawn::display(argv0),
+                source: e,
+            },
         };
         link.abort();
         discard(cgroup.as_ref());
         registry::unregister(id);
         Err(failure)
+    }
+
+    /// Start a warm supervisor: see [`Warm`].
+    pub(super) fn prepare_impl() -> io::Result<Warm> {
+        let (ours, theirs) = proto::pair()?;
+        let fd = crate::child::sys::passed_fd_number(theirs.as_fd());
+        let launch = spawn::warm_command(theirs.as_fd())?;
+        let registered = register(launch, None);
+        drop(theirs); // the supervisor holds the only other end now
+        let (id, pid, pidfd, reaped) = registered?;
+        Ok(Warm {
+            parts: Some(WarmParts {
+                id,
+                pid,
+                pidfd,
+                sock: ours,
+                fd,
+                reaped,
+            }),
+        })
+    }
+
+    /// Start `cmd` through the warm supervisor `parts`. If that supervisor is gone (killed,
+    /// say), start a fresh one instead.
+    pub(super) fn start_warm(
+        parts: WarmParts,
+        containment: &Containment,
+        cmd: &ChildCommand,
+    ) -> Result<Tree, SpawnError> {
+        let WarmParts {
+            id,
+            pid,
+            pidfd,
+            sock,
+            fd,
+            reaped,
+        } = parts;
+        let link = Link::new(sock, pid, Arc::clone(&pidfd));
+        let abandon_warm = |mut link: Link| {
+            link.abort();
+            registry::unregister(id);
+        };
+        let Some(argv0) = cmd.argv.first() else {
+            abandon_warm(link);
+            return Err(SpawnError::NotFound(String::new()));
+        };
+        let other = |source: io::Error| SpawnError::Other {
+            cmd: spawn::display(argv0),
+            source,
+        };
+        let prepared = spawn::resolve_program(argv0, spawn::child_path(cmd).map(|p| p.as_os_str()))
+            .and_then(|program| Ok((program, contain(containment, cmd).map_err(other)?)));
+        let (program, cgroup) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                abandon_warm(link);
+                return Err(e);
+            }
+        };
+        let scope = match &cgroup {
+            Some(cg) => Scope::Cgroup(cg.clone()),
+            None => Scope::Pgroup,
+        };
+        let args = spawn::supervisor_args(cmd, &program, fd, cgroup.as_ref().map(Cgroup::path));
+        let env: Vec<std::ffi::OsString> = spawn::child_env(cmd)
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.push("=");
+                k.push(v);
+                k
+            })
+            .collect();
+        let spec = proto::encode_spec(&args.to_os_args(), &env);
+        registry::set_scope(id, scope.clone());
+        let sent = spec_memfd(&spec).and_then(|memfd| link.go(memfd.as_fd()));
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "warm supervisor gone; starting a fresh one");
+            abandon_warm(link);
+            discard(cgroup.as_ref());
+            return Tree::spawn_impl(containment, cmd);
+        }
+        Tree::handshake(id, link, reaped, scope, cgroup, argv0)
     }
 
     /// The direct child's exit, once the supervisor has reported it (never blocks).
@@ -385,6 +433,82 @@ fn abandon(pid: i32) {
         let _ = rustix::process::kill_process(p, Signal::KILL);
         let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
     }
+}
+
+/// Start a supervisor with `launch` and register it in the live-tree registry with `scope`:
+/// its id, pid, pidfd and reaped flag. The registry stays locked across the spawn, so no
+/// pgroup sweep sees the supervisor unregistered. The caller closes its copy of the
+/// supervisor's end of the socket afterwards.
+fn register(
+    launch: crate::child::sys::Launch<'_>,
+    scope: Option<Scope>,
+) -> io::Result<(u64, i32, Arc<OwnedFd>, Arc<AtomicBool>)> {
+    let mut live = registry::lock();
+    let spawned = launch.spawn();
+    drop(launch);
+    let pid = spawned?;
+    let pidfd =
+        match Pid::from_raw(pid).map(|p| rustix::process::pidfd_open(p, PidfdFlags::empty())) {
+            Some(Ok(fd)) => Arc::new(fd),
+            failed => {
+                drop(live);
+                abandon(pid);
+                return Err(match failed {
+                    Some(Err(e)) => e.into(),
+                    _ => io::Error::other("invalid pid"),
+                });
+            }
+        };
+    let reaped = Arc::new(AtomicBool::new(false));
+    let id = registry::next_id();
+    live.push(Live {
+        id,
+        supervisor: pid,
+        supervisor_fd: Arc::clone(&pidfd),
+        child: None,
+        reaped: Arc::clone(&reaped),
+        scope,
+    });
+    Ok((id, pid, pidfd, reaped))
+}
+
+/// Make the tree's containment: create its cgroup (cgroup mode), or make conch the child
+/// subreaper (pgroup mode).
+fn contain(containment: &Containment, cmd: &ChildCommand) -> io::Result<Option<Cgroup>> {
+    match containment.mode {
+        ContainmentMode::Cgroup => {
+            let leaf = &cmd.cgroup_leaf;
+            if leaf.is_empty() || leaf.contains('/') || leaf == "." || leaf == ".." {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invalid cgroup name {leaf:?}"),
+                ));
+            }
+            let root = containment.cgroup_root.as_ref().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "cgroup containment without a cgroup root",
+                )
+            })?;
+            Ok(Some(
+                Cgroup::create(root.join(leaf)).map_err(io::Error::other)?,
+            ))
+        }
+        ContainmentMode::Pgroup => {
+            rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+            Ok(None)
+        }
+    }
+}
+
+/// A memfd holding `spec`, for a warm supervisor.
+fn spec_memfd(spec: &[u8]) -> io::Result<OwnedFd> {
+    let memfd = rustix::fs::memfd_create(c"conch-spec", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let mut written = 0;
+    while written < spec.len() {
+        written += rustix::io::write(&memfd, &spec[written..])?;
+    }
+    Ok(memfd)
 }
 
 /// Kill whatever a failed spawn left in its cgroup and remove the cgroup.

@@ -105,6 +105,9 @@ async fn round(
     signals: &mut Signals,
     give_up_at: Option<BootInstant>,
 ) -> Result<(Option<Outcome>, Duration), ElectError> {
+    // The child's supervisor starts while the campaign runs, so its start-up is not paid
+    // between winning and the child running. It starts nothing before `start`.
+    let warm = Tree::prepare().ok();
     let (mut lease, ctx) = match campaign(etcd, cfg, containment, signals, give_up_at).await? {
         Campaign::Won(lease, ctx) => (lease, ctx),
         Campaign::NotAcquired(n) => return Ok((Some(Outcome::NotAcquired(n)), Duration::ZERO)),
@@ -194,7 +197,11 @@ async fn round(
         cgroup_leaf: leaf("elect", &ctx),
         output: None,
     };
-    let mut tree = match Tree::spawn(containment, &cmd) {
+    let spawned = match warm {
+        Some(warm) => warm.start(containment, &cmd),
+        None => Tree::spawn(containment, &cmd),
+    };
+    let mut tree = match spawned {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(name = %ctx.name, error = %e, "child could not start");

@@ -96,6 +96,9 @@ pub async fn run(
     let give_up_at = cfg.wait.map(|w| since + w);
     let nonblock = cfg.wait == Some(Duration::ZERO);
     let queue = cfg.prefix.sema_queue(&cfg.name, cfg.max, cfg.spread);
+    // The child's supervisor starts while the slot is acquired, so its start-up is not paid
+    // between acquiring and the child running. It starts nothing before `start`.
+    let warm = Tree::prepare().ok();
     let (lease, ctx) = loop {
         let lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
         let key = cfg
@@ -171,7 +174,11 @@ pub async fn run(
         cgroup_leaf: leaf("sema", &ctx),
         output: None,
     };
-    let mut tree = match Tree::spawn(containment, &cmd) {
+    let spawned = match warm {
+        Some(warm) => warm.start(containment, &cmd),
+        None => Tree::spawn(containment, &cmd),
+    };
+    let mut tree = match spawned {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(name = %ctx.name, error = %e, "child could not start");

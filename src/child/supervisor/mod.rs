@@ -29,6 +29,13 @@
 //!    - when D passes with no newer deadline (conch is stopped or frozen), does the same;
 //!    - after `done` (conch saw the tree empty) exits quietly once the socket closes.
 //!
+//! **Warm start** (`--fd N --warm`): conch may start the supervisor ahead of time, while it is
+//! still acquiring the hold, to take the supervisor's own start-up off the path between
+//! "acquired" and "the child runs". A warm supervisor does steps 1 and nothing else, then
+//! blocks until conch sends `go` with a memfd holding the child's spec (the arguments above
+//! and the child's whole environment, [`proto::encode_spec`]), and goes on with step 2. If
+//! conch's end closes first, it exits: it has started nothing.
+//!
 //! The supervisor is conch's direct child and stays in conch's cgroup, so "the child's cgroup
 //! is empty" still means the real tree is gone. It never exits while conch is alive and the
 //! tree may live, except by killing the tree first. Its own signals keep their defaults: if
@@ -144,24 +151,83 @@ impl Args {
     }
 }
 
+/// `--warm`, after `--fd N`: wait for conch's `go` before starting anything.
+pub(crate) const WARM: &str = "--warm";
+
 /// Run as the supervisor with the arguments after `__supervise`; returns the exit code.
 pub(crate) fn run(args: Vec<OsString>) -> u8 {
+    if let [flag, fd, warm] = args.as_slice()
+        && flag == "--fd"
+        && warm == WARM
+    {
+        let Some(sock) = fd
+            .to_str()
+            .and_then(|f| f.parse().ok())
+            .and_then(take_socket)
+        else {
+            eprintln!("conch {SUBCOMMAND}: fd {fd:?} is not a socket");
+            return EXIT_USAGE;
+        };
+        return run_warm(sock);
+    }
     let Some(args) = Args::parse(args) else {
         eprintln!("conch {SUBCOMMAND}: internal command started with bad arguments");
         return EXIT_USAGE;
     };
-    let Some(sock) = sys::adopt_socket(args.fd) else {
+    let Some(sock) = take_socket(args.fd) else {
         eprintln!("conch {SUBCOMMAND}: fd {} is not a socket", args.fd);
         return EXIT_USAGE;
     };
+    start_and_run(sock, &args, None)
+}
+
+/// Adopt the socket conch passed as fd `raw`, and detach from conch's session.
+fn take_socket(raw: i32) -> Option<OwnedFd> {
+    let sock = sys::adopt_socket(raw)?;
     // Not inherited by the child: conch must see end-of-file when this process dies.
     let _ = rustix::io::fcntl_setfd(&sock, rustix::io::FdFlags::CLOEXEC);
-    // Fails only for a group leader, which a freshly forked process is not.
+    // Fails only for a group leader, which a freshly spawned process is not.
     let _ = rustix::process::setsid();
     // Its command name would be `exe` (from `/proc/self/exe`); `ps`, `top` and `pgrep conch`
     // should show what it is.
     let _ = rustix::thread::set_name(c"conch");
-    match Supervisor::start(sock, &args) {
+    Some(sock)
+}
+
+/// A warm supervisor: wait for `go` and the child's spec, then start it.
+fn run_warm(sock: OwnedFd) -> u8 {
+    let spec = loop {
+        match proto::recv(&sock, true) {
+            Ok(Received::Msg(Msg::Go, Some(memfd))) => break read_spec(memfd),
+            Ok(Received::Empty) => continue,
+            // conch went away (or spoke out of turn) before `go`: nothing was started.
+            _ => return EXIT_DONE,
+        }
+    };
+    let Some((args, env)) = spec.and_then(|(args, env)| Some((Args::parse(args)?, env))) else {
+        let errno = rustix::io::Errno::INVAL.raw_os_error();
+        let _ = proto::send(sock.as_fd(), Msg::SpawnFailed { errno }, None);
+        return EXIT_USAGE;
+    };
+    start_and_run(sock, &args, Some(&env))
+}
+
+/// The spec conch wrote into `memfd` (from its start: the offset is shared with conch's copy).
+fn read_spec(memfd: OwnedFd) -> Option<(Vec<OsString>, Vec<OsString>)> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(memfd);
+    let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+    if len > proto::SPEC_MAX {
+        return None;
+    }
+    let mut bytes = vec![0; len];
+    file.read_exact_at(&mut bytes, 0).ok()?;
+    proto::decode_spec(&bytes)
+}
+
+/// Start the child (`env`: its whole environment; `None`: this process's own) and supervise it.
+fn start_and_run(sock: OwnedFd, args: &Args, env: Option<&[OsString]>) -> u8 {
+    match Supervisor::start(sock, args, env) {
         Ok(sup) => {
             // Start-up is over; keep only what the poll loop touches resident.
             sys::shed_clean_file_pages();
@@ -174,6 +240,19 @@ pub(crate) fn run(args: Vec<OsString>) -> u8 {
             let _ = proto::send(sock.as_fd(), Msg::SpawnFailed { errno }, None);
             EXIT_DONE
         }
+    }
+}
+
+/// `KEY=value` as (`KEY`, `value`); no `=`: the whole as the key, empty value.
+fn split_env(kv: &OsString) -> (OsString, OsString) {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = kv.as_bytes();
+    match bytes.iter().position(|b| *b == b'=') {
+        Some(i) => (
+            OsString::from_vec(bytes[..i].to_vec()),
+            OsString::from_vec(bytes[i + 1..].to_vec()),
+        ),
+        None => (kv.clone(), OsString::new()),
     }
 }
 
@@ -219,7 +298,11 @@ fn test_no_clone3() -> bool {
 impl Supervisor {
     /// Open the cgroup files, fork the child, and tell conch its pid and pidfd. On failure
     /// the socket comes back to report the error on.
-    fn start(sock: OwnedFd, args: &Args) -> Result<Supervisor, (OwnedFd, io::Error)> {
+    fn start(
+        sock: OwnedFd,
+        args: &Args,
+        env: Option<&[OsString]>,
+    ) -> Result<Supervisor, (OwnedFd, io::Error)> {
         let prepared = (|| -> io::Result<_> {
             let timer = rustix::time::timerfd_create(
                 TimerfdClockId::Boottime,
@@ -247,7 +330,7 @@ impl Supervisor {
         let me = rustix::process::getpid();
         // Born in the cgroup (clone3 with CLONE_INTO_CGROUP) where the kernel can; else the
         // child writes itself into cgroup.procs before exec.
-        let exec = (!test_no_clone3()).then(|| sys::Exec::new(&args.program, &args.argv));
+        let exec = (!test_no_clone3()).then(|| sys::Exec::new(&args.program, &args.argv, env));
         let cloned = match (&dir_fd, exec.flatten()) {
             (Some(dir), Some(exec)) => match sys::spawn_into_cgroup(&exec, dir.as_fd(), me) {
                 Ok(spawned) => Some(Ok(spawned)),
@@ -259,7 +342,7 @@ impl Supervisor {
         let (pid, pidfd) = match cloned {
             Some(Ok(spawned)) => spawned,
             Some(Err(e)) => return Err((sock, e)),
-            None => match Self::spawn_with_command(args, &scope, procs, me) {
+            None => match Self::spawn_with_command(args, env, &scope, procs, me) {
                 Ok(spawned) => spawned,
                 Err(e) => return Err((sock, e)),
             },
@@ -282,12 +365,20 @@ impl Supervisor {
     /// cannot have been reused).
     fn spawn_with_command(
         args: &Args,
+        env: Option<&[OsString]>,
         scope: &Scope,
         procs: Option<OwnedFd>,
         me: Pid,
     ) -> io::Result<(i32, OwnedFd)> {
         let mut cmd = Command::new(&args.program);
         cmd.arg0(&args.argv[0]).args(&args.argv[1..]);
+        if let Some(env) = env {
+            cmd.env_clear();
+            for kv in env {
+                let (k, v) = split_env(kv);
+                cmd.env(k, v);
+            }
+        }
         if matches!(scope, Scope::Pgroup) {
             cmd.process_group(0);
         }

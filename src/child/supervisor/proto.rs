@@ -16,9 +16,11 @@
 //! A deadline of 0 means "none". Sending never blocks and never raises SIGPIPE; a packet of
 //! any other size or kind is a protocol error, which both sides treat like end-of-file.
 
+use std::ffi::OsString;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -43,6 +45,9 @@ pub(crate) enum Msg {
     Deadline { boot_ns: Option<u64> },
     /// The tree is empty and conch finishes normally: exit once the socket closes.
     Done,
+    /// conch → a warm supervisor: start the child; the attached fd is a memfd holding the
+    /// child's spec ([`encode_spec`]).
+    Go,
 }
 
 impl Msg {
@@ -54,6 +59,7 @@ impl Msg {
             Msg::Signaled { signal } => (4, signal, 0),
             Msg::Deadline { boot_ns } => (5, 0, boot_ns.unwrap_or(0)),
             Msg::Done => (6, 0, 0),
+            Msg::Go => (7, 0, 0),
         };
         let mut out = [0u8; LEN];
         out[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -77,6 +83,7 @@ impl Msg {
                 boot_ns: (b != 0).then_some(b),
             },
             6 => Msg::Done,
+            7 => Msg::Go,
             _ => return None,
         };
         Some(msg)
@@ -157,6 +164,45 @@ pub(crate) fn recv(sock: impl AsFd, block: bool) -> io::Result<Received> {
     })
 }
 
+/// Largest spec a warm supervisor reads: argv and environment are bounded by the kernel's
+/// `ARG_MAX` (2 MiB here) anyway.
+pub(crate) const SPEC_MAX: usize = 16 << 20;
+
+/// A warm supervisor's spec: its arguments (as [`super::Args::to_os_args`] writes them) and the
+/// child's whole environment (`KEY=value`). Each list is a little-endian `u32` count, then
+/// each item as a `u32` length and its bytes.
+pub(crate) fn encode_spec(args: &[OsString], env: &[OsString]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for list in [args, env] {
+        out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+        for item in list {
+            let bytes = item.as_bytes();
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_spec`]; `None` for anything it did not write.
+pub(crate) fn decode_spec(mut bytes: &[u8]) -> Option<(Vec<OsString>, Vec<OsString>)> {
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        bytes = rest;
+        Some(head)
+    };
+    let mut lists = [Vec::new(), Vec::new()];
+    for list in &mut lists {
+        let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        for _ in 0..count {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            list.push(OsString::from_vec(take(len)?.to_vec()));
+        }
+    }
+    let [args, env] = lists;
+    take(1).is_none().then_some((args, env))
+}
+
 /// A connected, close-on-exec pair.
 pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::net::socketpair(
@@ -188,10 +234,35 @@ mod tests {
                 boot_ns: Some(1_234_567_890_123),
             },
             Msg::Done,
+            Msg::Go,
         ];
         for msg in all {
             assert_eq!(Msg::decode(&msg.encode()), Some(msg), "{msg:?}");
         }
+    }
+
+    #[test]
+    fn specs_round_trip_and_garbage_is_refused() {
+        let args: Vec<OsString> = ["--fd", "3", "--pgroup", "--", "/bin/sh", "sh", "", "-c"]
+            .map(OsString::from)
+            .to_vec();
+        let env: Vec<OsString> = ["A=1", "EMPTY=", "ODD=\u{e9}\n="]
+            .map(OsString::from)
+            .to_vec();
+        let bytes = encode_spec(&args, &env);
+        assert_eq!(decode_spec(&bytes), Some((args.clone(), env.clone())));
+        assert_eq!(decode_spec(&encode_spec(&[], &[])), Some((vec![], vec![])));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_spec(&bytes[..cut]), None, "truncated at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_spec(&longer), None, "trailing bytes");
+        assert_eq!(
+            decode_spec(&[255, 255, 255, 255]),
+            None,
+            "a count with nothing behind it"
+        );
     }
 
     #[test]
@@ -212,7 +283,7 @@ mod tests {
         assert_eq!(Msg::decode(&[6; 15]), None);
         assert_eq!(Msg::decode(&[0; 17]), None);
         let mut unknown = Msg::Done.encode();
-        unknown[0] = 7;
+        unknown[0] = 8;
         assert_eq!(Msg::decode(&unknown), None);
         let mut zero_pid = Msg::Spawned { pid: 1 }.encode();
         zero_pid[4] = 0;
