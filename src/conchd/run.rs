@@ -173,8 +173,17 @@ pub async fn tick(
         };
         let running = serde_json::json!({"node": sh.node, "tick": rfc3339_utc(tick as u64), "lease": session.lease.to_string()}).to_string();
         let permit = sh.claims.enter(priority).await;
-        if !manual && sh.clock.now_ms() > deadline_ms {
-            // Waited past the deadline behind more urgent claims: decide it at the top.
+        // The wait at the gate may have been long: look again at what was checked before it.
+        if sh.stopping.is_cancelled() {
+            return TickEnd::NotClaimed;
+        }
+        let same_hold = sessions
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.lease == session.lease)
+            && fits(session, sh.grace);
+        if !same_hold || (!manual && sh.clock.now_ms() > deadline_ms) {
+            // Past the deadline, or the hold changed meanwhile: decide it at the top.
             continue;
         }
         let sent = BootInstant::now();
@@ -406,6 +415,8 @@ async fn execute(
     ctx: &HoldCtx,
     result: &mut ResultRecord,
 ) {
+    // Its turn to spawn first, then the hold: a wait at the gate must not outlast the proof.
+    let permit = sh.spawns.enter(urgency(job, tick, result.manual)).await;
     if !fits(session, sh.grace) {
         result.status = Status::Killed;
         result.reason =
@@ -431,7 +442,6 @@ async fn execute(
     let started_ms = sh.clock.now_ms();
     let started = BootInstant::now();
     // Spawning blocks until the child has exec'd: keep it off the scheduler's thread.
-    let permit = sh.spawns.enter(urgency(job, tick, result.manual)).await;
     let spawn_began = BootInstant::now();
     let spawned = tokio::task::spawn_blocking(move || Tree::spawn(&containment, &cmd)).await;
     drop(permit);
