@@ -4,8 +4,9 @@
 //! long-lived keepalive stream with exactly one renewal in flight (a send only queues and an
 //! answer names no request, so each answer is timed against its own send), and, once a key is
 //! held, the key guard, which watches the own key. Both publish into one [`HoldState`]; the
-//! run loop reads it and owns the clock. Dropping the `Lease` stops both tasks; it does not
-//! revoke (use [`Lease::revoke`]).
+//! run loop reads it and owns the clock. Work that belongs to the hold but must not delay its
+//! owner runs [`Lease::alongside`]. Dropping the `Lease` stops every task; it does not revoke
+//! (use [`Lease::revoke`]).
 
 #![forbid(unsafe_code)]
 
@@ -149,6 +150,18 @@ impl Lease {
             self.cancel.child_token(),
         ));
         self.tasks.push(task);
+    }
+
+    /// Run `work` for as long as this lease lives: stopped with its other tasks (on revoke or
+    /// drop). For what must not delay the caller but belongs to this hold.
+    pub fn alongside(&mut self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.child_token();
+        self.tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = work => {}
+            }
+        }));
     }
 
     /// Stop renewing and revoke the lease (deleting every key bound to it), best effort and

@@ -2,19 +2,24 @@
 //!
 //! Each candidate creates `<prefix>/v1/elect/<office>/<lease-hex>` only if absent, bound to its
 //! own lease. The holder is the candidate with the lowest create revision; a waiter watches
-//! only the candidate just ahead of it (no herd). After winning, ownership is confirmed in one
-//! transaction and the remaining time checked before anything runs (holds.md §4).
+//! only the candidate just ahead of it (no herd).
+//!
+//! The candidate ahead is read in the same transaction that proves the own key is still ours
+//! (holds.md §4): in the creating transaction itself, then in a read guarded by the key's
+//! create revision. So "nobody ahead" and "the key is ours" are one read, whose revision the
+//! own-key guard starts from; the remaining time is checked before anything runs.
 
 use std::ffi::OsString;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 
 use super::backoff::Backoff;
 use super::{NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, wait_queued};
-use super::{acquire, holder_record};
+use super::{acquired, holder_record};
 use crate::child::{ChildCommand, Containment, Exit, SpawnError, Tree};
 use crate::etcd::{CallError, Etcd};
 use crate::hold::clock::BootInstant;
@@ -257,8 +262,8 @@ async fn campaign(
         let mut lease = Lease::grant(etcd, cfg.ttl, cfg.grace).await?;
         let key = cfg.prefix.elect_candidate(&cfg.office, lease.id());
         let record = holder_record(&cfg.node, &cfg.cmd, &lease, containment);
-        let rev = match create_key(etcd, &key, &record.to_json(), &lease).await {
-            Ok(rev) => rev,
+        let (rev, first) = match create_key(etcd, &key, &office, &record.to_json(), &lease).await {
+            Ok(created) => created,
             Err(e) => {
                 lease.revoke().await;
                 return Err(e);
@@ -273,7 +278,7 @@ async fn campaign(
         };
         hold_event!(info, ctx, "campaign");
 
-        match wait_for_turn(
+        let at = match wait_for_turn(
             etcd,
             &office,
             &mut lease,
@@ -281,10 +286,11 @@ async fn campaign(
             signals,
             give_up_at,
             cfg.wait == Some(Duration::ZERO),
+            first,
         )
         .await?
         {
-            Turn::Ours => {}
+            Turn::Ours(at) => at,
             Turn::GiveUp(n) => {
                 hold::release(etcd, lease, &ctx).await;
                 return Ok(Campaign::NotAcquired(n));
@@ -301,9 +307,9 @@ async fn campaign(
                 }
                 continue;
             }
-        }
+        };
 
-        if !acquire(etcd, &mut lease, &ctx, cfg.grace, None).await? {
+        if !acquired(&mut lease, &ctx, cfg.grace, at) {
             lease.revoke().await;
             continue;
         }
@@ -312,14 +318,17 @@ async fn campaign(
 }
 
 enum Turn {
-    Ours,
+    /// Nobody is ahead, proven at this revision together with the own key.
+    Ours(i64),
     GiveUp(NotAcquired),
     Stopped(i32),
     LostWaiting(Loss),
 }
 
 /// Wait until no candidate with a lower create revision is left. Watches only the candidate
-/// just ahead; on any watch trouble it re-reads.
+/// just ahead; on any watch trouble it reads again. The own key no longer ours counts as lost.
+/// `first`: what the creating transaction read, if it read.
+#[allow(clippy::too_many_arguments)]
 async fn wait_for_turn(
     etcd: &Etcd,
     office: &str,
@@ -328,18 +337,26 @@ async fn wait_for_turn(
     signals: &mut Signals,
     give_up_at: Option<BootInstant>,
     nonblock: bool,
+    first: Option<Ahead>,
 ) -> Result<Turn, ElectError> {
     let mut timer = queue_timer()?;
+    let mut next = first;
     loop {
-        let ahead = predecessor(etcd, office, ctx.rev).await?;
-        let Some((pred, header_rev)) = ahead else {
-            return Ok(Turn::Ours);
+        let ahead = match next.take() {
+            Some(a) => a,
+            None => match predecessor(etcd, office, ctx).await? {
+                Some(a) => a,
+                None => return Ok(Turn::LostWaiting(Loss::NotOwner)),
+            },
+        };
+        let Some(pred) = ahead.key else {
+            return Ok(Turn::Ours(ahead.at));
         };
         if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
             return Ok(Turn::GiveUp(give_up_reason(nonblock)));
         }
         tracing::debug!(name = %ctx.name, ahead = %pred, "waiting");
-        let opts = WatchOptions::new().with_start_revision(header_rev + 1);
+        let opts = WatchOptions::new().with_start_revision(ahead.at + 1);
         match wait_queued(
             etcd, lease, &mut timer, signals, give_up_at, pred, opts, false,
         )
@@ -361,66 +378,103 @@ fn give_up_reason(nonblock: bool) -> NotAcquired {
     }
 }
 
-/// Create the own key only if absent, bound to the lease. Safe to repeat: a repeat finds the
-/// key already there on our own lease and reads its create revision.
+/// The candidate just ahead of the own key (`None`: nobody), read at revision `at`.
+struct Ahead {
+    key: Option<String>,
+    at: i64,
+}
+
+/// The first candidate of `kvs` (newest first) that is not `own`.
+fn first_other(kvs: &[KeyValue], own: &str) -> Option<String> {
+    kvs.iter()
+        .find(|kv| kv.key() != own.as_bytes())
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+}
+
+/// Create the own key only if absent, bound to the lease, in one transaction that also reads
+/// the candidate ahead (the new key is the newest, so the next newest). Safe to repeat: a
+/// repeat finds the key already there on our own lease, reads its create revision, and
+/// leaves the read of the candidate ahead to the caller.
 async fn create_key(
     etcd: &Etcd,
     key: &str,
+    office: &str,
     value: &str,
     lease: &Lease,
-) -> Result<Revision, ElectError> {
+) -> Result<(Revision, Option<Ahead>), ElectError> {
     let id = lease.id().0;
     let resp = etcd
         .retry("create candidate key", |mut c| {
+            let newest_two = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(2)
+                .with_keys_only();
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key,
-                    value,
-                    Some(etcd_client::PutOptions::new().with_lease(id)),
-                )])
+                .and_then([
+                    TxnOp::put(key, value, Some(PutOptions::new().with_lease(id))),
+                    TxnOp::get(office, Some(newest_two)),
+                ])
                 .or_else([TxnOp::get(key, None)]);
             async move { c.txn(txn).await }
         })
         .await?;
     if resp.succeeded() {
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        return Ok(Revision(rev));
+        let at = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let ahead = resp.op_responses().iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(Ahead {
+                key: first_other(g.kvs(), key),
+                at,
+            }),
+            _ => None,
+        });
+        return Ok((Revision(at), ahead));
     }
     for op in resp.op_responses() {
-        if let etcd_client::TxnOpResponse::Get(g) = op
+        if let TxnOpResponse::Get(g) = op
             && let Some(kv) = g.kvs().first()
             && kv.lease() == id
         {
-            return Ok(Revision(kv.create_revision()));
+            return Ok((Revision(kv.create_revision()), None));
         }
     }
     Err(ElectError::Foreign(key.to_string()))
 }
 
-/// The candidate just ahead of `rev` (highest create revision below it), with the revision
-/// of the read.
+/// The candidate just ahead of the own key (highest create revision below it), read in one
+/// transaction guarded by the own key's create revision: `None` when the key is no longer
+/// ours.
 async fn predecessor(
     etcd: &Etcd,
     office: &str,
-    rev: Revision,
-) -> Result<Option<(String, i64)>, ElectError> {
+    ctx: &HoldCtx,
+) -> Result<Option<Ahead>, ElectError> {
+    let key = ctx.key.as_str();
+    let rev = ctx.rev.0;
     let resp = etcd
-        .retry("read candidates", |mut c| async move {
+        .retry("read candidates", |mut c| {
             let opts = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_max_create_revision(rev.0 - 1)
+                .with_max_create_revision(rev - 1)
                 .with_limit(1)
                 .with_keys_only();
-            c.get(office, Some(opts)).await
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, rev)])
+                .and_then([TxnOp::get(office, Some(opts))]);
+            async move { c.txn(txn).await }
         })
         .await?;
-    let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok(resp
-        .kvs()
-        .first()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), header_rev)))
+    if !resp.succeeded() {
+        return Ok(None);
+    }
+    let at = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let key = match resp.op_responses().first() {
+        Some(TxnOpResponse::Get(g)) => first_other(g.kvs(), key),
+        _ => None,
+    };
+    Ok(Some(Ahead { key, at }))
 }
 
 fn describe_exit(e: Exit) -> String {

@@ -13,7 +13,7 @@ pub mod sema_query;
 
 use std::ffi::OsString;
 
-use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 
 use crate::child::{Exit, SpawnError};
 use crate::etcd::{CallError, CallErrorKind, Etcd};
@@ -22,7 +22,6 @@ use crate::hold::clock::{BootInstant, BootTimer};
 use crate::hold::lease::Lease;
 use crate::hold::loss::Loss;
 use crate::hold::signals::{Sig, Signals};
-use crate::keys::Revision;
 
 /// How a run of `elect` or `sema` ended: expected endings are values; the CLI maps them to
 /// exit codes.
@@ -47,57 +46,26 @@ pub enum NotAcquired {
     HookFailed(String),
 }
 
-/// The acquisition check (holds.md §4): the own key still exists with our create revision,
-/// in one transaction. With `rewrite = Some((value, lease))` the same transaction writes the
-/// key again unchanged — a put event that wakes the waiter queued right behind (sema). Returns
-/// the revision of the check, or `None` when the key is no longer ours.
-pub(crate) async fn verify_own_key(
-    etcd: &Etcd,
-    key: &str,
-    rev: Revision,
-    rewrite: Option<(&str, i64)>,
-) -> Result<Option<i64>, CallError> {
-    let resp = etcd
-        .retry("verify own key", |mut c| {
-            let mut txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, rev.0)]);
-            if let Some((value, lease)) = rewrite {
-                txn = txn.and_then([TxnOp::put(
-                    key,
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            }
-            async move { c.txn(txn).await }
-        })
-        .await?;
-    Ok(resp
-        .succeeded()
-        .then(|| resp.header().map(|h| h.revision()).unwrap_or(rev.0)))
-}
-
-/// The acquisition epilogue (holds.md §4): the own key still has our create revision (one
-/// transaction; see [`verify_own_key`] for `rewrite`), the hold is not lost, and at least
-/// `grace + 1 s` is left before D. Then the own-key guard starts and `true` comes back; on
-/// `false` the hold counts as lost while waiting (logged) and the caller revokes and re-queues.
-pub(crate) async fn acquire(
-    etcd: &Etcd,
+/// The acquisition epilogue (holds.md §4). The primitive decided "ours" in a read that also
+/// proved, at revision `at`, that the own key still had our create revision (one transaction:
+/// the creating one, or a read guarded by the create revision). Now: the hold is not lost,
+/// and at least `grace + 1 s` is left before D. Then the own-key guard starts from `at + 1`
+/// (so nothing after the proof goes unseen) and `true` comes back; on `false` the hold
+/// counts as lost while waiting (logged) and the caller revokes and queues again.
+pub(crate) fn acquired(
     lease: &mut Lease,
     ctx: &HoldCtx,
     grace: std::time::Duration,
-    rewrite: Option<(&str, i64)>,
-) -> Result<bool, CallError> {
-    let Some(check_rev) = verify_own_key(etcd, &ctx.key, ctx.rev, rewrite).await? else {
-        crate::hold_event!(warn, ctx, "lost", reason = %Loss::NotOwner, waiting = true);
-        return Ok(false);
-    };
+    at: i64,
+) -> bool {
     let st = lease.state();
     if st.lost.is_some() || !st.deadline.fits_run(BootInstant::now(), grace) {
         crate::hold_event!(warn, ctx, "lost", reason = %Loss::Deadline, waiting = true);
-        return Ok(false);
+        return false;
     }
-    lease.guard_key(ctx.key.clone(), ctx.rev, check_rev + 1);
+    lease.guard_key(ctx.key.clone(), ctx.rev, at + 1);
     crate::hold_event!(info, ctx, "acquired");
-    Ok(true)
+    true
 }
 
 /// The record a participant writes into its key before anything runs.

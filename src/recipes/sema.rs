@@ -10,8 +10,15 @@
 //! - the *head waiter* (exactly N keys ahead of it) watches the queue for deletes: any holder
 //!   leaving — not only the oldest — wakes it, and only it;
 //! - every other waiter watches just the key right ahead of it, for a delete *or a put*;
-//! - a waiter that becomes a holder confirms its key in one transaction that also writes it
-//!   again unchanged: that put wakes the waiter behind it, which is now the head waiter.
+//! - a waiter that becomes a holder writes its key again unchanged (guarded by its create
+//!   revision, alongside the child's start): that put wakes the waiter behind it, which is now
+//!   the head waiter. A participant that holds from the moment its key is created skips it:
+//!   nobody can be watching a key that was a holder's from the start.
+//!
+//! Where a participant stands is read in the same transaction that proves its key is still
+//! its own (holds.md §4): in the creating transaction itself, then in a read guarded by the
+//! key's create revision. Deciding "ours" and confirming ownership are one read, and its
+//! revision is the acquisition revision the own-key guard starts from.
 //!
 //! With `--spread` (at most one slot per node) a free slot may belong to any waiter whose node
 //! holds nothing yet, so spread waiters all watch the queue for deletes and re-read it: the
@@ -22,12 +29,12 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-    WatchFilterType, WatchOptions,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchFilterType, WatchOptions,
 };
 
 use super::{NotAcquired, Outcome, Queued, child_env, leaf, queue_timer, wait_queued};
-use super::{acquire, holder_record};
+use super::{acquired, holder_record};
 use crate::child::{ChildCommand, Containment, Tree};
 use crate::etcd::{CallError, Etcd};
 use crate::hold::clock::BootInstant;
@@ -105,8 +112,8 @@ pub async fn run(
             .prefix
             .sema_key(&cfg.name, cfg.max, cfg.spread, lease.id());
         let record = holder_record(&cfg.node, &cfg.cmd, &lease, containment).to_json();
-        let rev = match create_key(etcd, cfg, &key, &record, lease.id()).await {
-            Ok(rev) => rev,
+        let (rev, first) = match create_key(etcd, cfg, &key, &record, lease.id()).await {
+            Ok(created) => created,
             Err(e) => {
                 lease.revoke().await;
                 return Err(e);
@@ -122,7 +129,7 @@ pub async fn run(
         hold_event!(info, ctx, "campaign", max = cfg.max, spread = cfg.spread);
         let mut lease = lease;
         let turn = wait_for_slot(
-            etcd, cfg, &queue, &mut lease, &ctx, signals, give_up_at, nonblock,
+            etcd, cfg, &queue, &mut lease, &ctx, signals, give_up_at, nonblock, first,
         )
         .await;
         let turn = match turn {
@@ -132,8 +139,8 @@ pub async fn run(
                 return Err(e);
             }
         };
-        match turn {
-            Turn::Ours => {}
+        let (at, waited) = match turn {
+            Turn::Ours { at, waited } => (at, waited),
             Turn::GiveUp => {
                 hold::release(etcd, lease, &ctx).await;
                 let why = if nonblock {
@@ -158,12 +165,16 @@ pub async fn run(
                 }
                 continue;
             }
-        }
-        // The epilogue; rewriting the key unchanged wakes the waiter queued behind.
-        let id = lease.id().0;
-        if !acquire(etcd, &mut lease, &ctx, cfg.grace, Some((&record, id))).await? {
+        };
+        if !acquired(&mut lease, &ctx, cfg.grace, at) {
             lease.revoke().await;
             continue;
+        }
+        // A waiter that became a holder may be watched by the waiter right behind it, which
+        // is now the head waiter: wake it. Spread waiters all watch the queue for deletes.
+        if waited && !cfg.spread {
+            let wake = wake_behind(etcd.clone(), ctx.key.clone(), rev, lease.id(), record);
+            lease.alongside(wake);
         }
         break (lease, ctx);
     };
@@ -209,14 +220,15 @@ pub async fn run(
 }
 
 /// Create the own key only if absent and only if no key of this name lives under another
-/// `<max>` segment, in one transaction. Safe to repeat: a repeat finds the key on our lease.
+/// `<max>` segment, in one transaction that also reads where the new key stands. Safe to
+/// repeat: a repeat finds the key on our lease (and reads nothing: the caller reads then).
 async fn create_key(
     etcd: &Etcd,
     cfg: &SemaConfig,
     key: &str,
     value: &str,
     lease: LeaseId,
-) -> Result<Revision, SemaError> {
+) -> Result<(Revision, Option<Reading>), SemaError> {
     let dir = cfg.prefix.sema_dir(&cfg.name);
     let queue = cfg.prefix.sema_queue(&cfg.name, cfg.max, cfg.spread);
     let dir_end = keys::prefix_end(&dir);
@@ -228,17 +240,17 @@ async fn create_key(
                 .with_range(queue.as_str());
             let after = Compare::create_revision(queue_end.clone(), CompareOp::Equal, 0)
                 .with_range(dir_end.clone());
+            // The new key is the newest of the queue: everything else in it is ahead.
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(key, CompareOp::Equal, 0),
                     before,
                     after,
                 ])
-                .and_then([TxnOp::put(
-                    key,
-                    value,
-                    Some(PutOptions::new().with_lease(lease.0)),
-                )])
+                .and_then([
+                    TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease.0))),
+                    TxnOp::get(queue.as_str(), Some(ahead_options(cfg, None))),
+                ])
                 .or_else([
                     TxnOp::get(key, None),
                     TxnOp::get(
@@ -254,15 +266,23 @@ async fn create_key(
             async move { c.txn(txn).await }
         })
         .await?;
-    if resp.succeeded() {
-        return Ok(Revision(resp.header().map(|h| h.revision()).unwrap_or(0)));
-    }
+    let at = resp.header().map(|h| h.revision()).unwrap_or(0);
     let ops = resp.op_responses();
+    if resp.succeeded() {
+        let reading = ops.iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(Reading {
+                standing: standing(cfg, key, g.kvs()),
+                at,
+            }),
+            _ => None,
+        });
+        return Ok((Revision(at), reading));
+    }
     if let Some(TxnOpResponse::Get(g)) = ops.first()
         && let Some(kv) = g.kvs().first()
     {
         return if kv.lease() == lease.0 {
-            Ok(Revision(kv.create_revision()))
+            Ok((Revision(kv.create_revision()), None))
         } else {
             Err(SemaError::Foreign(key.to_string()))
         };
@@ -295,43 +315,60 @@ async fn create_key(
 }
 
 enum Turn {
-    Ours,
+    /// A slot is ours, proven at revision `at`; `waited`: it was not ours at creation.
+    Ours {
+        at: i64,
+        waited: bool,
+    },
     GiveUp,
     Stopped(i32),
     LostWaiting(Loss),
 }
 
 /// Where a participant stands: holder, or waiting with what to watch.
+#[derive(Debug, PartialEq, Eq)]
 enum Standing {
     Holder,
     /// Watch the whole queue for deletes (the head waiter; every spread waiter).
-    WatchQueue(i64),
+    WatchQueue,
     /// Watch the key right ahead for a delete or a put.
-    WatchAhead(String, i64),
+    WatchAhead(String),
 }
 
-/// Read where this participant stands (one or two range reads; see the module docs).
-async fn standing(
-    etcd: &Etcd,
-    cfg: &SemaConfig,
-    queue: &str,
-    ctx: &HoldCtx,
-) -> Result<Standing, CallError> {
-    let rev = ctx.rev.0;
+/// Where the own key stood at revision `at`, read together with the proof that it was ours.
+struct Reading {
+    standing: Standing,
+    at: i64,
+}
+
+/// The read of the keys ahead. Spread: all of them, oldest first, with their values (the
+/// node decides). Otherwise newest first, keys only, at most N + 1 (+ 1 for the own key when
+/// `before` is `None`: read in the creating transaction, where the own key is the newest).
+///
+/// etcd applies create-revision filters after reading the range, and computes `count`
+/// before them: so read the keys ahead rather than count.
+fn ahead_options(cfg: &SemaConfig, before: Option<Revision>) -> GetOptions {
+    let mut opts = GetOptions::new().with_prefix();
+    if let Some(rev) = before {
+        opts = opts.with_max_create_revision(rev.0 - 1);
+    }
     if cfg.spread {
-        // Everything ahead, in order, with the nodes: holders are the first key per node.
-        let resp = etcd
-            .retry("read queue", |mut c| async move {
-                let opts = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Create, SortOrder::Ascend)
-                    .with_max_create_revision(rev - 1);
-                c.get(queue, Some(opts)).await
-            })
-            .await?;
-        let header = resp.header().map(|h| h.revision()).unwrap_or(0);
+        return opts.with_sort(SortTarget::Create, SortOrder::Ascend);
+    }
+    let own = i64::from(before.is_none());
+    opts.with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(i64::from(cfg.max) + 1 + own)
+        .with_keys_only()
+}
+
+/// Where the own key stands behind `kvs`, read with [`ahead_options`] (the own key, if the
+/// read saw it, is skipped).
+fn standing(cfg: &SemaConfig, own: &str, kvs: &[KeyValue]) -> Standing {
+    let ahead = kvs.iter().filter(|kv| kv.key() != own.as_bytes());
+    if cfg.spread {
+        // Holders are the first key per node.
         let mut nodes: Vec<String> = Vec::new();
-        for kv in resp.kvs() {
+        for kv in ahead {
             if nodes.len() as u32 >= cfg.max {
                 break;
             }
@@ -344,39 +381,55 @@ async fn standing(
             }
         }
         let eligible = (nodes.len() as u32) < cfg.max && !nodes.contains(&cfg.node);
-        return Ok(if eligible {
+        return if eligible {
             Standing::Holder
         } else {
-            Standing::WatchQueue(header)
-        });
+            Standing::WatchQueue
+        };
     }
-    // etcd applies create-revision filters after reading the range, and computes `count`
-    // before them: so read the keys ahead (newest first, at most N + 1) rather than count.
-    let limit = i64::from(cfg.max) + 1;
-    let resp = etcd
-        .retry("read queue ahead", |mut c| async move {
-            let opts = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_max_create_revision(rev - 1)
-                .with_limit(limit)
-                .with_keys_only();
-            c.get(queue, Some(opts)).await
-        })
-        .await?;
-    let header = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let ahead = resp.kvs().len() as i64;
-    Ok(if ahead < i64::from(cfg.max) {
+    let ahead: Vec<&KeyValue> = ahead.take(cfg.max as usize + 1).collect();
+    let max = cfg.max as usize;
+    if ahead.len() < max {
         Standing::Holder
-    } else if ahead == i64::from(cfg.max) {
-        Standing::WatchQueue(header)
+    } else if ahead.len() == max {
+        Standing::WatchQueue
     } else {
-        let kv = &resp.kvs()[0];
-        Standing::WatchAhead(String::from_utf8_lossy(kv.key()).into_owned(), header)
-    })
+        Standing::WatchAhead(String::from_utf8_lossy(ahead[0].key()).into_owned())
+    }
 }
 
-/// Wait until this participant holds a slot, gives up, is told to stop, or loses its lease.
+/// Read where this participant stands, in one transaction guarded by its key's create
+/// revision: `None` when the key is no longer its own.
+async fn read_standing(
+    etcd: &Etcd,
+    cfg: &SemaConfig,
+    queue: &str,
+    ctx: &HoldCtx,
+) -> Result<Option<Reading>, CallError> {
+    let key = ctx.key.as_str();
+    let rev = ctx.rev;
+    let resp = etcd
+        .retry("read queue ahead", |mut c| {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, rev.0)])
+                .and_then([TxnOp::get(queue, Some(ahead_options(cfg, Some(rev))))]);
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    if !resp.succeeded() {
+        return Ok(None);
+    }
+    let at = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let standing = match resp.op_responses().first() {
+        Some(TxnOpResponse::Get(g)) => standing(cfg, key, g.kvs()),
+        _ => standing(cfg, key, &[]),
+    };
+    Ok(Some(Reading { standing, at }))
+}
+
+/// Wait until this participant holds a slot, gives up, is told to stop, or loses its lease
+/// (its key no longer its own counts as lost). `first`: the reading of the creating
+/// transaction, if it had one.
 #[allow(clippy::too_many_arguments)]
 async fn wait_for_slot(
     etcd: &Etcd,
@@ -387,20 +440,34 @@ async fn wait_for_slot(
     signals: &mut Signals,
     give_up_at: Option<BootInstant>,
     nonblock: bool,
+    first: Option<Reading>,
 ) -> Result<Turn, SemaError> {
     let mut timer = queue_timer()?;
+    let mut next = first;
+    let mut waited = false;
     loop {
-        let (watch_key, opts) = match standing(etcd, cfg, queue, ctx).await? {
-            Standing::Holder => return Ok(Turn::Ours),
+        let reading = match next.take() {
+            Some(r) => r,
+            None => {
+                waited = true;
+                match read_standing(etcd, cfg, queue, ctx).await? {
+                    Some(r) => r,
+                    None => return Ok(Turn::LostWaiting(Loss::NotOwner)),
+                }
+            }
+        };
+        let at = reading.at;
+        let (watch_key, opts) = match reading.standing {
+            Standing::Holder => return Ok(Turn::Ours { at, waited }),
             _ if nonblock => return Ok(Turn::GiveUp),
-            Standing::WatchQueue(h) => (
+            Standing::WatchQueue => (
                 queue.to_string(),
                 WatchOptions::new()
                     .with_prefix()
-                    .with_start_revision(h + 1)
+                    .with_start_revision(at + 1)
                     .with_filters([WatchFilterType::NoPut]),
             ),
-            Standing::WatchAhead(k, h) => (k, WatchOptions::new().with_start_revision(h + 1)),
+            Standing::WatchAhead(k) => (k, WatchOptions::new().with_start_revision(at + 1)),
         };
         if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
             return Ok(Turn::GiveUp);
@@ -415,5 +482,28 @@ async fn wait_for_slot(
             Queued::Stopped(n) => return Ok(Turn::Stopped(n)),
             Queued::Lost(loss) => return Ok(Turn::LostWaiting(loss)),
         }
+    }
+}
+
+/// Write the own key again unchanged, only while its create revision is still ours: a put
+/// event for the waiter watching it. Best effort, and off the path to the child's start: if
+/// it fails, that waiter wakes only at this key's delete, so a slot another holder frees in
+/// the meantime stays idle until then (never taken twice).
+async fn wake_behind(etcd: Etcd, key: String, rev: Revision, lease: LeaseId, value: String) {
+    let done = etcd
+        .retry("wake the waiter behind", |mut c| {
+            let put = PutOptions::new().with_lease(lease.0);
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    rev.0,
+                )])
+                .and_then([TxnOp::put(key.as_str(), value.as_str(), Some(put))]);
+            async move { c.txn(txn).await }
+        })
+        .await;
+    if let Err(e) = done {
+        tracing::warn!(key, error = %e, "could not wake the waiter behind");
     }
 }

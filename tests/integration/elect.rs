@@ -264,6 +264,63 @@ fn clean_exit_hands_over_to_a_waiter_well_before_the_ttl() {
     assert!(b_rev > a_rev, "rev {b_rev} after {a_rev}");
 }
 
+/// A standby whose own key is deleted by hand while it waits never runs on it: when the
+/// office frees, it finds the key gone (in the same read that finds nobody ahead), queues
+/// again with a new lease and key, and only then runs, with a higher fencing token.
+#[test]
+fn a_standby_whose_key_was_deleted_while_waiting_runs_only_under_a_new_key() {
+    let ctx = Ctx::new("elect-standby-key-deleted");
+    let a = Holder::start(&ctx, "a", "sk", &[]);
+    let mut b = ctx
+        .elect("sk")
+        .args(["--"])
+        .args(ctx.sh(
+            "printf '%s\\n' \"$CONCH_KEY\" \"$CONCH_REV\" > {dir}/b.tmp; mv {dir}/b.tmp {dir}/b.env; \
+             exec sleep 1000",
+        ))
+        .spawn();
+    assert!(
+        wait_until(SOON, || ctx.office_keys("sk").len() == 2),
+        "the standby never queued: {:?}\n{}",
+        ctx.office_keys("sk"),
+        b.stderr()
+    );
+    let first = ctx
+        .office_keys("sk")
+        .into_iter()
+        .find(|k| k.key != a.key)
+        .expect("the standby's key");
+    ctx.etcd.del(&first.key);
+    a.release(&ctx);
+    let env = ctx.wait_file_of("b.env", SOON, &mut b);
+    let f: Vec<&str> = env.lines().collect();
+    assert_eq!(f.len(), 2, "child environment incomplete: {env:?}");
+    assert_ne!(
+        f[0],
+        first.key,
+        "the standby ran on a key deleted while it waited\n{}",
+        b.stderr()
+    );
+    let rev: i64 = f[1].parse().expect("CONCH_REV is decimal");
+    assert!(
+        rev > first.create_revision,
+        "new token {rev} not above the deleted key's {}",
+        first.create_revision
+    );
+    let keys = ctx.office_keys("sk");
+    assert_eq!(
+        keys.len(),
+        1,
+        "only the standby's new key is left: {keys:?}"
+    );
+    assert_eq!(keys[0].key, f[0], "the key it runs under exists in etcd");
+    assert!(
+        b.stderr().contains("no longer"),
+        "the loss while waiting is logged:\n{}",
+        b.stderr()
+    );
+}
+
 #[test]
 fn nonblock_runs_at_once_when_vacant() {
     let ctx = Ctx::new("elect-nonblock-vacant");

@@ -760,6 +760,44 @@ fn waiter_whose_lease_is_revoked_never_runs_on_its_stale_position() {
     h2.wait_timeout(SOON).expect_code(0);
 }
 
+/// A waiter whose own key is deleted by hand (its lease still alive) never runs on it: the
+/// read that would find a free slot also finds the key gone, so it queues again with a new
+/// lease and key and runs only under those.
+#[test]
+fn waiter_whose_key_is_deleted_runs_only_under_a_new_key() {
+    let ctx = Ctx::new("sema-waiter-key-deleted");
+    let name = "wd";
+    let mut h = sh_participant(&ctx, "h", name, "1", &[]);
+    wait_env(&ctx, "h", &mut h);
+    let mut w = sh_participant(&ctx, "w", name, "1", &[]);
+    let deleted = wait_part(&ctx, name, &mut w);
+    ctx.etcd.del(&deleted.key);
+    release(&ctx, "h");
+    h.wait_timeout(SOON).expect_code(0);
+    let ew = wait_env(&ctx, "w", &mut w);
+    assert_ne!(
+        ew.key,
+        deleted.key,
+        "w ran on a key deleted while it waited\n{}",
+        w.stderr()
+    );
+    assert_ne!(
+        hex(&ew.lease),
+        deleted.lease,
+        "w queued again with a new lease"
+    );
+    assert!(
+        ew.rev > deleted.rev,
+        "a new token: {} > {}",
+        ew.rev,
+        deleted.rev
+    );
+    let now = part_of(&ctx, name, w.pid()).expect("w's key exists while it runs");
+    assert_eq!(now.key, ew.key, "the key w runs under is in etcd");
+    release(&ctx, "w");
+    w.wait_timeout(SOON).expect_code(0);
+}
+
 // ---------------------------------------------------------------------------------------
 // A partitioned holder
 
