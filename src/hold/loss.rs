@@ -12,7 +12,7 @@ pub enum Loss {
     LeaseGone,
     /// The own key was deleted, or overwritten by another lease.
     KeyGone(&'static str),
-    /// The ownership re-check at acquisition failed.
+    /// The own key was gone or not ours when a queued participant read where it stands.
     NotOwner,
 }
 
@@ -22,7 +22,7 @@ impl fmt::Display for Loss {
             Loss::Deadline => f.write_str("no renewal before the hold deadline"),
             Loss::LeaseGone => f.write_str("lease revoked or expired (keepalive answered TTL 0)"),
             Loss::KeyGone(how) => write!(f, "own key {how}"),
-            Loss::NotOwner => f.write_str("own key no longer ours at acquisition"),
+            Loss::NotOwner => f.write_str("own key no longer ours (found while queued)"),
         }
     }
 }
