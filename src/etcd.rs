@@ -90,7 +90,8 @@ pub enum CallErrorKind {
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     pub endpoint: String,
-    pub version: String,
+    /// `None` when etcd would not say (its Status call needs the root role under auth).
+    pub version: Option<String>,
 }
 
 /// Connected etcd. Cheap to clone; safe to share between tasks.
@@ -125,8 +126,20 @@ impl Etcd {
             set.spawn(async move {
                 let r = async {
                     let mut c = Client::connect([ep.as_str()], Some(opts)).await?;
-                    let st = c.status().await?;
-                    Ok::<_, etcd_client::Error>((c, st.version().to_string()))
+                    let version = match c.status().await {
+                        Ok(st) => Some(st.version().to_string()),
+                        // etcd 3.5 with auth on gives the maintenance Status call to the root
+                        // role only: a user limited to conch's prefix is refused it. The
+                        // server answered over TLS and took our credentials (`connect`
+                        // authenticates), so it is up; only its version stays unknown.
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.code() == tonic::Code::PermissionDenied =>
+                        {
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    Ok::<_, etcd_client::Error>((c, version))
                 }
                 .await;
                 (i, ep, r)
@@ -341,6 +354,19 @@ fn call_error(what: &'static str, e: &etcd_client::Error) -> CallError {
     CallError { what, detail, kind }
 }
 
+/// Without `--user`, etcd takes the client certificate's CN as the user name: say so, or
+/// "user name not found" leaves an operator guessing which name etcd looked for.
+pub fn cn_hint(cfg: &EtcdConfig) -> &'static str {
+    match (&cfg.auth, cfg.tls.as_ref().and_then(|t| t.cert.as_ref())) {
+        (None, Some(_)) => {
+            " (no --user given: etcd takes the client certificate's CN as the user name; give \
+             --user, or a certificate whose CN is an etcd user)"
+        }
+        (None, None) => " (no --user given)",
+        (Some(_), _) => "",
+    }
+}
+
 fn classify_connect_failure(
     cfg: &EtcdConfig,
     failures: Vec<(String, etcd_client::Error)>,
@@ -352,9 +378,20 @@ fn classify_connect_failure(
             && (matches!(
                 s.code(),
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-            ) || lower.contains("authentication failed"))
+            ) || lower.contains("authentication failed")
+                || lower.contains("user name not found")
+                || lower.contains("user name is empty"))
         {
-            return ConnectError::Auth(format!("{ep}: {}", s.message()));
+            return ConnectError::Auth(format!("{ep}: {}{}", s.message(), cn_hint(cfg)));
+        }
+        if lower.contains("unknownissuer") {
+            let ca = match cfg.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+                Some(ca) => format!("no CA in --cacert {} signed it", ca.display()),
+                None => "no system CA signed it (give --cacert)".to_string(),
+            };
+            return ConnectError::Tls(format!(
+                "{ep}: etcd's server certificate is not trusted: {ca} ({text})"
+            ));
         }
         if lower.contains("certificate")
             || lower.contains("tls")
@@ -362,6 +399,30 @@ fn classify_connect_failure(
             || lower.contains("unknownissuer")
         {
             return ConnectError::Tls(format!("{ep}: {text}"));
+        }
+        // With TLS 1.3 the server checks the client certificate after the client thinks
+        // the handshake is done: a missing or untrusted one shows up here only as the server
+        // closing the connection (or, when the alert arrives first, as an alert such as
+        // UnknownCA), which looked like "no endpoint answered".
+        if let Some(tls) = &cfg.tls
+            && (lower.contains("connection closed")
+                || lower.contains("connection reset")
+                || lower.contains("broken pipe")
+                || lower.contains("received fatal alert"))
+        {
+            let why = match &tls.cert {
+                None => {
+                    "etcd ended the TLS connection: it wants a client certificate (give --cert \
+                         and --key)"
+                        .to_string()
+                }
+                Some(cert) => format!(
+                    "etcd ended the TLS connection: it did not accept the client certificate \
+                     {} (is it signed by a CA etcd trusts?)",
+                    cert.display()
+                ),
+            };
+            return ConnectError::Tls(format!("{ep}: {why} ({text})"));
         }
         if let etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_) = e {
             return ConnectError::Endpoint {

@@ -21,6 +21,16 @@ pub(crate) const STRIPPED_ENV: [&str; 4] = [
     "CONCH_PASSWORD",
 ];
 
+/// `name` or `name:password` (cli.md): the child gets the name only, never the password.
+const USER_ENV: &str = "CONCH_USER";
+
+fn user_name_only(v: OsString) -> OsString {
+    match v.as_bytes().iter().position(|b| *b == b':') {
+        Some(i) => OsStr::from_bytes(&v.as_bytes()[..i]).to_owned(),
+        None => v,
+    }
+}
+
 /// PATH when neither the child's environment nor conch's has one (glibc's default).
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -158,6 +168,10 @@ pub(crate) fn child_env(cmd: &ChildCommand) -> Vec<(OsString, OsString)> {
 fn child_env_from(extra: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == s))
+        .map(|(k, v)| {
+            let v = if k == USER_ENV { user_name_only(v) } else { v };
+            (k, v)
+        })
         .collect();
     for (k, v) in extra {
         env.retain(|(old, _)| *old != k);

@@ -109,6 +109,10 @@ pub async fn run(g: &GlobalArgs, a: ConchdArgs) -> u8 {
             return exit::UNAVAILABLE;
         }
     };
+    if let Err(e) = may_work_here(&etcd, &prefix, &node).await {
+        report(&e);
+        return exit::UNAVAILABLE;
+    }
     let cfg = conchd::Config {
         node,
         labels,
@@ -132,5 +136,41 @@ fn enter_own_cgroup(root: &std::path::Path) {
         std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("cgroup.procs"), "0\n"));
     if let Err(e) = r {
         tracing::warn!(cgroup = %dir.display(), error = %e, "conchd cannot move itself into its own cgroup");
+    }
+}
+
+/// Whether etcd lets this user do conchd's work under the prefix: read it and write this
+/// node's key. Without this a conchd whose role lacks the prefix logged "permission denied"
+/// every few seconds forever instead of saying so once and exiting 69. The check writes
+/// nothing: etcd checks a transaction's permissions on both branches, and the compare
+/// (a create revision of -1) never holds. Errors other than a refusal are left to conchd's
+/// own retries.
+async fn may_work_here(
+    etcd: &crate::etcd::Etcd,
+    prefix: &crate::keys::Prefix,
+    node: &str,
+) -> Result<(), crate::etcd::CallError> {
+    use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+    let node_key = prefix.node(node);
+    let jobs = prefix.cron_jobs();
+    let r = etcd
+        .retry("check permissions", |mut c| {
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    node_key.clone(),
+                    CompareOp::Equal,
+                    -1,
+                )])
+                .and_then([TxnOp::put(node_key.clone(), "", None)])
+                .or_else([TxnOp::get(
+                    jobs.clone(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )]);
+            async move { c.txn(txn).await }
+        })
+        .await;
+    match r {
+        Err(e) if e.kind == crate::etcd::CallErrorKind::Refused => Err(e),
+        _ => Ok(()),
     }
 }

@@ -215,10 +215,18 @@ impl GlobalArgs {
     /// Connect, warning about old servers. Errors are printed; the caller exits 69.
     pub async fn connect(&self, cfg: &EtcdConfig) -> Result<Etcd, ConnectError> {
         let (etcd, info) = Etcd::connect(cfg).await?;
-        if let Some(w) = crate::etcd::version_warning(&info.version) {
-            tracing::warn!(endpoint = %info.endpoint, "{w}");
+        match &info.version {
+            Some(v) => {
+                if let Some(w) = crate::etcd::version_warning(v) {
+                    tracing::warn!(endpoint = %info.endpoint, "{w}");
+                }
+            }
+            None => tracing::debug!(
+                endpoint = %info.endpoint,
+                "etcd's version is unknown (its Status call needs the root role), so it is not checked for known lease bugs"
+            ),
         }
-        tracing::debug!(endpoint = %info.endpoint, version = %info.version, "connected");
+        tracing::debug!(endpoint = %info.endpoint, version = ?info.version, "connected");
         Ok(etcd)
     }
 }

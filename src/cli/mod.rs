@@ -79,6 +79,9 @@ pub fn main() -> ExitCode {
         }
     };
     global::init_logging(&cli.global);
+    if let Some(hint) = refusal_hint(&cli.global) {
+        let _ = REFUSAL_HINT.set(hint);
+    }
     install_panic_hook();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -188,9 +191,38 @@ pub(crate) async fn connect(
     Ok((prefix, etcd))
 }
 
-/// Print an error and its causes once, as `conch: a: b: c`.
+/// What [`report`] adds to etcd's bare "permission denied": which user may not use which key
+/// prefix. Set once, after parsing.
+static REFUSAL_HINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn refusal_hint(g: &GlobalArgs) -> Option<String> {
+    g.prefix().ok()?;
+    let prefix = g.prefix.trim_end_matches('/');
+    Some(match g.user.as_deref() {
+        Some(u) => format!(
+            " (etcd user {} may not read and write the keys under {prefix}/: grant its role \
+             readwrite on the key prefix {prefix}/)",
+            u.split(':').next().unwrap_or(u)
+        ),
+        None => format!(
+            " (no --user given: etcd takes the client certificate's CN as the user name, and \
+             that user may not read and write the keys under {prefix}/, or is no etcd user)"
+        ),
+    })
+}
+
+/// Print an error and its causes once, as `conch: a: b: c`; an etcd permission refusal also
+/// names the user and the key prefix (etcd's own message names neither).
 pub(crate) fn report(e: &dyn std::error::Error) {
-    eprintln!("conch: {}", crate::etcd::chain(e));
+    let mut msg = crate::etcd::chain(e);
+    if (msg.contains("etcdserver: permission denied")
+        || msg.contains("etcdserver: user name not found")
+        || msg.contains("etcdserver: user name is empty"))
+        && let Some(hint) = REFUSAL_HINT.get()
+    {
+        msg.push_str(hint);
+    }
+    eprintln!("conch: {msg}");
 }
 
 /// A usage error found after parsing (exit 64).
