@@ -17,6 +17,7 @@ pub mod etcd;
 pub mod journal;
 pub mod proc;
 pub mod proxy;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
