@@ -49,6 +49,7 @@ fn spec(schedule: &str) -> JobSpec {
         added_by: "bench".into(),
         added_at: "2026-01-01T00:00:00Z".into(),
         resumed_at: None,
+        signature: None,
     }
 }
 

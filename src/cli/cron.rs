@@ -208,6 +208,7 @@ fn build_spec(g: &GlobalArgs, a: &AddArgs) -> Result<JobSpec, u8> {
         added_by: added_by(g),
         added_at: now_rfc3339(),
         resumed_at: None,
+        signature: None,
     };
     spec.validate(&a.name, now_unix(), 0).map_err(usage)?;
     Ok(spec)

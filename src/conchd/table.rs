@@ -218,6 +218,7 @@ mod tests {
             added_by: "t".into(),
             added_at: added_at.into(),
             resumed_at: None,
+            signature: None,
         }
         .validate(&Name::parse(name).unwrap(), 1_700_000_000, rev)
         .unwrap()

@@ -63,6 +63,10 @@ pub struct JobSpec {
     /// RFC 3339 UTC of the last `cron resume`: ticks while paused are not missed ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at: Option<String>,
+    /// `ed25519:<public key>:<signature>` from `cron add --sign-key` (`super::sign`); it
+    /// covers every field above but `paused` and `resumed_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// Why a job spec is refused.
@@ -277,6 +281,7 @@ mod tests {
             added_by: "root@n1".into(),
             added_at: "2026-11-28T10:00:00Z".into(),
             resumed_at: None,
+            signature: None,
         }
     }
 

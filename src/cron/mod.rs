@@ -4,4 +4,5 @@
 pub mod job;
 pub mod record;
 pub mod schedule;
+pub mod sign;
 pub mod store;

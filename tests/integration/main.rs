@@ -17,4 +17,3 @@ mod faults;
 mod harness_self;
 mod sema;
 mod soak;
-mod tls;
