@@ -17,3 +17,4 @@ mod faults;
 mod harness_self;
 mod sema;
 mod soak;
+mod tls;
