@@ -34,6 +34,15 @@ pub struct ConchdArgs {
     /// With --daemonize: append conchd's log (and job output) here [default: discarded].
     #[arg(long, requires = "daemonize")]
     log_file: Option<PathBuf>,
+    /// Run only job specs signed by one of these public keys (`conch keygen`); record the
+    /// others' ticks as refused.
+    #[arg(
+        long,
+        env = "CONCH_TRUST_KEY",
+        value_delimiter = ',',
+        value_name = "FILE[,FILE]"
+    )]
+    trust_key: Vec<PathBuf>,
 }
 
 pub async fn run(g: &GlobalArgs, a: ConchdArgs) -> u8 {
@@ -44,6 +53,16 @@ pub async fn run(g: &GlobalArgs, a: ConchdArgs) -> u8 {
     let ttl = g.effective_ttl();
     if let Err(e) = crate::hold::deadline::Timing::derive(ttl, a.kill_after) {
         return usage(e);
+    }
+    let trusted = match crate::cron::sign::TrustedKeys::read(&a.trust_key) {
+        Ok(t) => t,
+        Err(e) => return usage(format!("bad --trust-key: {e}")),
+    };
+    if !trusted.is_empty() {
+        tracing::info!(
+            keys = a.trust_key.len(),
+            "running only job specs signed by a trusted key"
+        );
     }
     let (prefix, node, etcd_cfg) = match (g.prefix(), g.node(), g.etcd_config()) {
         (Ok(p), Ok(n), Ok(c)) => (p, n, c),
@@ -123,6 +142,7 @@ pub async fn run(g: &GlobalArgs, a: ConchdArgs) -> u8 {
         containment,
         json_output: g.log_format == super::global::LogFormat::Json,
         status,
+        trusted,
     };
     conchd::run(etcd, cfg, signals).await;
     exit::OK

@@ -10,6 +10,7 @@ use super::{GlobalArgs, args, exit, report, usage};
 use crate::cron::job::{JobSpec, Overlap, parse_labels};
 use crate::cron::record::Trigger;
 use crate::cron::schedule::Schedule;
+use crate::cron::sign::SigningKey;
 use crate::cron::store::{Store, UpdateError};
 use crate::keys::{Name, now_rfc3339, now_unix, rfc3339_utc};
 
@@ -103,6 +104,9 @@ struct AddArgs {
     /// Start up to this long after each tick, at an offset derived from the job name.
     #[arg(long, default_value = "0s", allow_hyphen_values = true)]
     jitter: String,
+    /// Sign the spec with this private key (`conch keygen`), for conchd --trust-key.
+    #[arg(long, env = "CONCH_SIGN_KEY", value_name = "FILE")]
+    sign_key: Option<std::path::PathBuf>,
     /// The command (after --), run by whichever conchd wins each tick.
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<std::ffi::OsString>,
@@ -192,7 +196,7 @@ fn build_spec(g: &GlobalArgs, a: &AddArgs) -> Result<JobSpec, u8> {
     }
     let labels =
         parse_labels(&a.node_selector).map_err(|e| usage(format!("bad --node-selector: {e}")))?;
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         schedule: schedule.expr().to_string(),
         tz: schedule.tz_name().to_string(),
         cmd,
@@ -211,6 +215,10 @@ fn build_spec(g: &GlobalArgs, a: &AddArgs) -> Result<JobSpec, u8> {
         signature: None,
     };
     spec.validate(&a.name, now_unix(), 0).map_err(usage)?;
+    if let Some(path) = &a.sign_key {
+        let key = SigningKey::read(path).map_err(|e| usage(format!("bad --sign-key: {e}")))?;
+        spec.signature = Some(key.sign(a.name.as_str(), &spec));
+    }
     Ok(spec)
 }
 

@@ -54,6 +54,11 @@ enum Command {
     Status(status::StatusArgs),
     /// Start a throw-away single-node etcd for trying conch on one machine (never production).
     Dev(dev::DevArgs),
+    /// Write a new Ed25519 key pair for signed cron jobs: FILE (private, mode 0600) and FILE.pub.
+    Keygen {
+        /// Where the private key goes; the public key goes to FILE.pub. Neither may exist.
+        file: std::path::PathBuf,
+    },
     /// Print the version, the commit, and the containment mode conch would use here.
     Version,
     /// Print shell completion for bash, zsh or fish.
@@ -107,11 +112,28 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Conchd(a) => conchd::run(&cli.global, a).await,
         Command::Status(a) => status::run(&cli.global, a).await,
         Command::Dev(a) => dev::run(&cli.global, a).await,
+        Command::Keygen { file } => keygen(&file),
         Command::Version => version::run(&cli.global),
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "conch", &mut std::io::stdout());
             exit::OK
         }
+    }
+}
+
+/// `conch keygen FILE`.
+fn keygen(file: &std::path::Path) -> u8 {
+    match crate::cron::sign::keygen(file) {
+        Ok(public) => {
+            eprintln!(
+                "conch: wrote the private key to {} (keep it secret: it signs jobs with cron add \
+                 --sign-key) and the public key to {} (give it to conchd --trust-key)",
+                file.display(),
+                public.display()
+            );
+            exit::OK
+        }
+        Err(e) => usage(e),
     }
 }
 

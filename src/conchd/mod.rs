@@ -74,6 +74,9 @@ pub struct Config {
     pub containment: Containment,
     pub json_output: bool,
     pub status: Option<crate::status::server::Listener>,
+    /// `--trust-key`: when not empty, only specs signed by one of these keys run; the others'
+    /// ticks are recorded `refused`.
+    pub trusted: crate::cron::sign::TrustedKeys,
 }
 
 /// Run conchd until a stop signal; then drain, revoke and return.
@@ -97,6 +100,7 @@ pub async fn run(etcd: Etcd, cfg: Config, mut signals: Signals) {
         runs_since_prune: Default::default(),
         claims: gate::Gate::new(run::CLAIMS_IN_FLIGHT),
         spawns: gate::Gate::new(run::spawns_in_progress()),
+        trusted: cfg.trusted.clone(),
     });
 
     // The owned background tasks.

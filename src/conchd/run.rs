@@ -86,6 +86,8 @@ pub struct Shared {
     /// Admission to claiming and to spawning, most urgent tick first.
     pub claims: Arc<Gate>,
     pub spawns: Arc<Gate>,
+    /// `--trust-key` (empty: every spec runs).
+    pub trusted: crate::cron::sign::TrustedKeys,
 }
 
 /// A manual run's trigger: its key and create revision.
@@ -367,12 +369,27 @@ async fn run(sh: &Shared, session: &Session, job: &Job, tick: i64, rev: i64, man
         rev: Some(rev),
         ..ResultRecord::new(tick, &sh.node, Status::Failed, manual)
     };
-    sh.metrics.running.fetch_add(1, Relaxed);
-    execute(sh, session, job, tick, &ctx, &mut result).await;
-    sh.metrics.running.fetch_sub(1, Relaxed);
+    // With --trust-key, a spec that is not signed by a trusted key is decided (the tick is
+    // claimed, so no other node runs it either) but never run.
+    let refusal = if sh.trusted.is_empty() {
+        None
+    } else {
+        sh.trusted.verify(name.as_str(), &job.spec).err()
+    };
+    if let Some(refusal) = refusal {
+        tracing::warn!(name = %name, tick = %tick_text, reason = %refusal, "refused");
+        result.status = Status::Refused;
+        result.reason = Some(refusal.to_string());
+    } else {
+        sh.metrics.running.fetch_add(1, Relaxed);
+        execute(sh, session, job, tick, &ctx, &mut result).await;
+        sh.metrics.running.fetch_sub(1, Relaxed);
+    }
     match result.status {
         Status::Ok => sh.metrics.runs_ok.fetch_add(1, Relaxed),
         Status::Killed => sh.metrics.runs_killed.fetch_add(1, Relaxed),
+        // Nothing ran: not a run's result.
+        Status::Refused => 0,
         _ => sh.metrics.runs_failed.fetch_add(1, Relaxed),
     };
     tracing::info!(name = %name, tick = %tick_text, rev, status = result.status.as_str(), exit = ?result.exit, duration = ?result.duration, "result");

@@ -8,6 +8,7 @@ mod harness;
 mod bad_input;
 mod cron;
 mod cron_faults;
+mod cron_signed;
 mod cron_status;
 mod deploy;
 mod elect;
