@@ -137,3 +137,35 @@ fn help_exits_0_and_prints_usage_on_stdout() {
     assert!(out.stdout.contains("elect"), "{}", out.stdout);
     assert!(ctx.keys().is_empty());
 }
+
+/// Every command that takes a name refuses the same bad names the same way (quality.md §4):
+/// exit 64, a message naming the problem, nothing run, nothing written.
+#[test]
+fn every_command_that_takes_a_name_refuses_bad_names() {
+    let long = "a".repeat(129);
+    let names: [(&str, &[&str]); 5] = [
+        ("", &["empty"]),
+        ("a/b", &["'/'", "\"/\"", "`/`"]),
+        ("a b", &["' '", "` `", "space"]),
+        (".hidden", &["'.'", "`.`"]),
+        (&long, &["128"]),
+    ];
+    let child = ["--", "sh", "-c", "echo ran > {dir}/ran"];
+    for (i, (name, mentions)) in names.iter().enumerate() {
+        let commands: Vec<Vec<&str>> = vec![
+            [&["elect", name][..], &child].concat(),
+            vec!["elect", name, "--who"],
+            [&["sema", name, "--max", "2"][..], &child].concat(),
+            vec!["sema", name, "--who"],
+            [&["cron", "add", name, "--schedule", "@hourly"][..], &child].concat(),
+            vec!["cron", "rm", name],
+            vec!["cron", "run", name],
+            vec!["cron", "pause", name],
+            vec!["cron", "resume", name],
+            vec!["cron", "history", name],
+        ];
+        for (j, args) in commands.iter().enumerate() {
+            refused(&format!("bad-name-{i}-{j}"), args, mentions);
+        }
+    }
+}
