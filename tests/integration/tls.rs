@@ -126,6 +126,13 @@ fn elect_and_sema_run_through_mutual_tls_as_the_limited_user_and_leak_no_passwor
             .env("CONCH_USER", format!("{USER}:{PASSWORD}"))
             .args(["--log-format", "json", "sema", "pool", "--max", "2"]),
     );
+    // The password on conch's own command line (--user, --password): the child's and the
+    // supervisor's command lines and environments still lack it.
+    hold_and_inspect(
+        &ctx,
+        "argv",
+        mtls(ctx.elect("db2")).args(["--user", USER, "--password", PASSWORD]),
+    );
     // The password from --password-file; a quick run to the end.
     let file = ctx.path("password");
     std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
