@@ -237,7 +237,7 @@ fn check_elect_run(ctx: &Ctx, office: &str, mut conch: Child, ttl_s: u64) {
     let keys = ctx.office_keys(office);
     assert_eq!(keys.len(), 1, "one candidate key: {keys:?}");
     assert_eq!(
-        format!("{:x}", keys[0].lease),
+        format!("{:016x}", keys[0].lease),
         lease,
         "the app runs under the key's lease"
     );

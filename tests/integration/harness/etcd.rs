@@ -180,11 +180,9 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in {LOW}..{HIGH}")
 }
 
-fn start() -> Etcd {
-    let (etcd_bin, etcdctl_bin) = find_binaries();
-    check_is_elf(&etcd_bin);
-    check_is_elf(&etcdctl_bin);
-    let version = Command::new(&etcd_bin)
+/// The first line `etcd --version` prints (empty if it cannot run).
+pub fn version_of(bin: &Path) -> String {
+    Command::new(bin)
         .arg("--version")
         .output()
         .map(|o| {
@@ -194,17 +192,22 @@ fn start() -> Etcd {
                 .unwrap_or("")
                 .to_string()
         })
-        .unwrap_or_default();
-    let base = super::base_dir();
+        .unwrap_or_default()
+}
+
+/// Runs `start` on a thread named `name` that then parks forever holding the server it
+/// started: the thread forked the server, and PDEATHSIG is tied to it, so the server dies
+/// only when the whole test process ends. Returns what `start` returned beside the server.
+pub fn keep_server<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> Result<(std::process::Child, T), String> + Send + 'static,
+) -> Result<T, String> {
     let (tx, rx) = mpsc::channel();
-    let (bin, ctl) = (etcd_bin.clone(), etcdctl_bin.clone());
     thread::Builder::new()
-        .name("etcd-keeper".into())
-        .spawn(move || match start_with_retries(&bin, &ctl, &base) {
-            Ok((child, endpoint, dir)) => {
-                let _ = tx.send(Ok((endpoint, dir)));
-                // This thread forked the server and must outlive every test: PDEATHSIG is
-                // tied to it and so fires only when the whole test process ends.
+        .name(name.into())
+        .spawn(move || match start() {
+            Ok((child, started)) => {
+                let _ = tx.send(Ok(started));
                 let _server = child;
                 loop {
                     thread::park();
@@ -214,11 +217,22 @@ fn start() -> Etcd {
                 let _ = tx.send(Err(e));
             }
         })
-        .expect("cannot start the etcd keeper thread");
-    let (endpoint, data_dir) = rx
-        .recv()
-        .expect("etcd keeper thread died")
-        .unwrap_or_else(|e| panic!("cannot start etcd from {}: {e}", etcd_bin.display()));
+        .unwrap_or_else(|e| panic!("cannot start the {name} thread: {e}"));
+    rx.recv()
+        .unwrap_or_else(|_| panic!("the {name} thread died"))
+}
+
+fn start() -> Etcd {
+    let (etcd_bin, etcdctl_bin) = find_binaries();
+    check_is_elf(&etcd_bin);
+    check_is_elf(&etcdctl_bin);
+    let version = version_of(&etcd_bin);
+    let base = super::base_dir();
+    let (bin, ctl) = (etcd_bin.clone(), etcdctl_bin.clone());
+    let (endpoint, data_dir) = keep_server("etcd-keeper", move || {
+        start_with_retries(&bin, &ctl, &base).map(|(child, endpoint, dir)| (child, (endpoint, dir)))
+    })
+    .unwrap_or_else(|e| panic!("cannot start etcd from {}: {e}", etcd_bin.display()));
     Etcd {
         endpoint,
         etcd_bin,
@@ -246,34 +260,64 @@ fn start_with_retries(bin: &Path, ctl: &Path, base: &Path) -> Result<Started, St
 
 fn start_once(bin: &Path, ctl: &Path, dir: &Path) -> Result<(std::process::Child, String), String> {
     let client = format!("http://127.0.0.1:{}", free_port());
+    let log = dir.join("etcd.log");
+    let mut child = spawn_member(bin, "it", &client, &dir.join("data"), &log, &[])?;
+    wait_healthy(&mut child, &log, || {
+        let mut c = Command::new(ctl);
+        c.arg(format!("--endpoints={client}"));
+        c
+    })?;
+    Ok((child, client))
+}
+
+/// Starts a single-member etcd named `name` serving clients on `client`, its data in `data`
+/// and its output in `log`, with `extra` arguments (TLS), killed when the test process ends.
+pub fn spawn_member(
+    bin: &Path,
+    name: &str,
+    client: &str,
+    data: &Path,
+    log: &Path,
+    extra: &[String],
+) -> Result<std::process::Child, String> {
     let peer = format!("http://127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| e.to_string())?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let out = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(bin);
-    cmd.arg("--name=it")
-        .arg(format!("--data-dir={}", dir.join("data").display()))
+    cmd.arg(format!("--name={name}"))
+        .arg(format!("--data-dir={}", data.display()))
         .arg(format!("--listen-client-urls={client}"))
         .arg(format!("--advertise-client-urls={client}"))
         .arg(format!("--listen-peer-urls={peer}"))
         .arg(format!("--initial-advertise-peer-urls={peer}"))
-        .arg(format!("--initial-cluster=it={peer}"))
+        .arg(format!("--initial-cluster={name}={peer}"))
         .arg("--initial-cluster-state=new")
+        .args(extra)
         .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
+        .stdout(out)
+        .stderr(err);
     super::proc::die_with_parent(&mut cmd, rustix::process::Signal::KILL);
-    let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+    cmd.spawn().map_err(|e| format!("spawn: {e}"))
+}
+
+/// Polls `etcdctl … endpoint health` (`ctl()` gives the command with its endpoint and TLS
+/// flags) until it succeeds; fails, killing the server and naming its log, if the server
+/// exits or is not healthy within [`START_DEADLINE`].
+pub fn wait_healthy(
+    child: &mut std::process::Child,
+    log: &Path,
+    ctl: impl Fn() -> Command,
+) -> Result<(), String> {
     let deadline = Instant::now() + START_DEADLINE;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
                 "etcd exited at start ({status}); log in {}",
-                dir.join("etcd.log").display()
+                log.display()
             ));
         }
-        let ok = Command::new(ctl)
+        let ok = ctl()
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={client}"))
             .args([
                 "--command-timeout=2s",
                 "--dial-timeout=1s",
@@ -283,17 +327,16 @@ fn start_once(bin: &Path, ctl: &Path, dir: &Path) -> Result<(std::process::Child
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+            .is_ok_and(|s| s.success());
         if ok {
-            return Ok((child, client));
+            return Ok(());
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
                 "etcd did not become healthy within {START_DEADLINE:?}; log in {}",
-                dir.join("etcd.log").display()
+                log.display()
             ));
         }
         thread::sleep(Duration::from_millis(100));

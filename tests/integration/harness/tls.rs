@@ -15,19 +15,16 @@
 //! that mode.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
 
-use super::{Ctx, Etcd, cgroup, etcd, proc};
+use super::{Ctx, Etcd, cgroup, etcd};
 
 /// The limited user conch runs as.
 pub const USER: &str = "conch";
@@ -40,8 +37,6 @@ pub const OUTSIDER_PREFIX: &str = "/elsewhere/";
 /// The CN of the ordinary client certificate: not an etcd user.
 pub const CLIENT_CN: &str = "conch-client";
 const ROOT_PASSWORD: &str = "pw-Root-71c0e4d2bb";
-
-const START_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The files of this run's PKI, all PEM.
 #[derive(Debug, Clone)]
@@ -119,43 +114,19 @@ fn start() -> TlsEtcd {
     let pki = make_pki(&dir.join("pki"));
     let wrapper = dir.join("etcdctl-root");
     write_ctl_wrapper(&wrapper, &etcdctl_bin, &pki);
-    let version = Command::new(&etcd_bin)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default();
-    let (tx, rx) = mpsc::channel();
+    let version = etcd::version_of(&etcd_bin);
     let (bin, d, p) = (etcd_bin.clone(), dir.clone(), pki.clone());
-    thread::Builder::new()
-        .name("tls-etcd-keeper".into())
-        .spawn(move || {
-            let mut last = String::new();
-            for attempt in 0..3 {
-                match start_once(&bin, &etcdctl_bin, &d, &p, attempt) {
-                    Ok((child, endpoint)) => {
-                        let _ = tx.send(Ok(endpoint));
-                        // PDEATHSIG is tied to this thread: it must outlive every test.
-                        let _server = child;
-                        loop {
-                            thread::park();
-                        }
-                    }
-                    Err(e) => last = e,
-                }
+    let endpoint = etcd::keep_server("tls-etcd-keeper", move || {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            match start_once(&bin, &etcdctl_bin, &d, &p, attempt) {
+                Ok(started) => return Ok(started),
+                Err(e) => last = e,
             }
-            let _ = tx.send(Err(last));
-        })
-        .expect("cannot start the TLS etcd keeper thread");
-    let endpoint = rx
-        .recv()
-        .expect("TLS etcd keeper thread died")
-        .unwrap_or_else(|e| panic!("cannot start the TLS etcd: {e}"));
+        }
+        Err(last)
+    })
+    .unwrap_or_else(|e| panic!("cannot start the TLS etcd: {e}"));
     let etcd: &'static Etcd = Box::leak(Box::new(Etcd {
         endpoint: endpoint.clone(),
         etcd_bin,
@@ -194,68 +165,26 @@ fn start_once(
     attempt: usize,
 ) -> Result<(std::process::Child, String), String> {
     let client = format!("https://127.0.0.1:{}", etcd::free_port());
-    let peer = format!("http://127.0.0.1:{}", etcd::free_port());
     let data = dir.join("data");
     let _ = std::fs::remove_dir_all(&data);
-    let log_path = dir.join(format!("etcd-{attempt}.log"));
-    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--name=tls")
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={client}"))
-        .arg(format!("--advertise-client-urls={client}"))
-        .arg(format!("--listen-peer-urls={peer}"))
-        .arg(format!("--initial-advertise-peer-urls={peer}"))
-        .arg(format!("--initial-cluster=tls={peer}"))
-        .arg("--initial-cluster-state=new")
-        .arg(format!("--cert-file={}", pki.server_cert.display()))
-        .arg(format!("--key-file={}", pki.server_key.display()))
-        .arg("--client-cert-auth")
-        .arg(format!("--trusted-ca-file={}", pki.ca.display()))
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    proc::die_with_parent(&mut cmd, rustix::process::Signal::KILL);
-    let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
-    let deadline = Instant::now() + START_DEADLINE;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "etcd exited at start ({status}); log in {}",
-                log_path.display()
-            ));
-        }
-        // Auth is not on yet: the client certificate alone will do.
-        let ok = Command::new(ctl)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={client}"))
+    let log = dir.join(format!("etcd-{attempt}.log"));
+    let tls = [
+        format!("--cert-file={}", pki.server_cert.display()),
+        format!("--key-file={}", pki.server_key.display()),
+        "--client-cert-auth".to_string(),
+        format!("--trusted-ca-file={}", pki.ca.display()),
+    ];
+    let mut child = etcd::spawn_member(bin, "tls", &client, &data, &log, &tls)?;
+    // Auth is not on yet: the client certificate alone will do.
+    etcd::wait_healthy(&mut child, &log, || {
+        let mut c = Command::new(ctl);
+        c.arg(format!("--endpoints={client}"))
             .arg(format!("--cacert={}", pki.ca.display()))
             .arg(format!("--cert={}", pki.client_cert.display()))
-            .arg(format!("--key={}", pki.client_key.display()))
-            .args([
-                "--command-timeout=2s",
-                "--dial-timeout=1s",
-                "endpoint",
-                "health",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok((child, client));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "TLS etcd not healthy within {START_DEADLINE:?}; log in {}",
-                log_path.display()
-            ));
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+            .arg(format!("--key={}", pki.client_key.display()));
+        c
+    })?;
+    Ok((child, client))
 }
 
 /// root, the limited [`USER`] (its role starts with no permission at all), [`OUTSIDER`],
