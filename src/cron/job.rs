@@ -12,12 +12,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::schedule::{Schedule, ScheduleError};
+use super::schedule::{HORIZON_SECS, Schedule, ScheduleError};
 use crate::keys::Name;
 
 /// Largest job spec conch writes or reads: jobs are small; anything bigger is a mistake
 /// (or an attempt to fill etcd, whose default request limit is 1.5 MiB).
 pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// Longest run TTL, starting deadline or jitter: five years, as far as a schedule looks
+/// ahead. conchd does millisecond arithmetic in an i64 and boot-clock instant arithmetic with
+/// them, which a planted `"run_ttl":"18446744073709551615"` would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(HORIZON_SECS as u64);
 
 /// What a job does while a previous run of it still runs somewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -80,6 +85,8 @@ pub enum JobError {
     BadDuration { field: &'static str, value: String },
     #[error("{field} must be longer than zero")]
     NotPositive { field: &'static str },
+    #[error("{field} {value:?} is longer than 5 years")]
+    TooLong { field: &'static str, value: String },
     #[error(
         "--jitter {jitter} must be shorter than --starting-deadline {deadline}, or every tick would be missed"
     )]
@@ -203,13 +210,20 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 fn duration(field: &'static str, s: &str) -> Result<Duration, JobError> {
     let t = s.trim();
-    if let Ok(secs) = t.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t).map_err(|_| JobError::BadDuration {
+            field,
+            value: s.to_string(),
+        })?,
+    };
+    if d > MAX_DURATION {
+        return Err(JobError::TooLong {
+            field,
+            value: s.to_string(),
+        });
     }
-    humantime::parse_duration(t).map_err(|_| JobError::BadDuration {
-        field,
-        value: s.to_string(),
-    })
+    Ok(d)
 }
 
 fn positive(field: &'static str, s: &str) -> Result<Duration, JobError> {
@@ -327,6 +341,15 @@ mod tests {
                 "64 KiB",
             ),
             (Box::new(|s| s.added_at = "yesterday".into()), "added_at"),
+            (
+                Box::new(|s| s.run_ttl = "18446744073709551615".into()),
+                "--run-ttl \"18446744073709551615\" is longer than 5 years",
+            ),
+            (
+                Box::new(|s| s.starting_deadline = "9223372036854775808s".into()),
+                "--starting-deadline",
+            ),
+            (Box::new(|s| s.jitter = "1900days".into()), "--jitter"),
         ];
         for (edit, want) in cases {
             let mut s = spec();
