@@ -29,6 +29,8 @@ pub mod cli;
 pub mod conchd;
 pub mod cron;
 pub mod etcd;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hold;
 pub mod keys;
 pub mod recipes;
