@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::cron_status::{get, get_json};
 use crate::harness::cron::{status, stop_all};
+use crate::harness::etcd::free_port;
 use crate::harness::{Ctx, wait_until};
 
 const SOON: Duration = Duration::from_secs(15);
@@ -80,9 +82,11 @@ fn only_specs_signed_by_a_trusted_key_run_the_rest_are_refused_with_the_reason()
     v["cmd"][2] = Value::String(format!("echo evil >> {}/edited.ran", ctx.dir.display()));
     ctx.etcd.put(&key, &v.to_string());
 
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut node = ctx
         .conchd("n1")
         .args(["--trust-key", &format!("{}.pub", name_in(&ctx, "ops"))])
+        .args(["--status-addr", &addr])
         .spawn();
     let settled = wait_until(SOON, || {
         with_status(&ctx, "good", "ok").len() >= 2
@@ -117,13 +121,34 @@ fn only_specs_signed_by_a_trusted_key_run_the_rest_are_refused_with_the_reason()
     }
     assert!(ctx.read("good.ran").is_some(), "the signed job ran");
 
-    // `ls --last` shows it to the operator.
+    // `ls --last`, the status API and the page show it to the operator.
     let out = ctx.cron(["ls", "--last", "--json"]).run();
     out.expect_code(0);
+    let want = |name: &Value| if name == "good" { "ok" } else { "refused" };
     for line in out.lines() {
         let j: Value = serde_json::from_str(line).unwrap();
-        let want = if j["name"] == "good" { "ok" } else { "refused" };
-        assert_eq!(j["last"]["status"], want, "{j}");
+        assert_eq!(j["last"]["status"], want(&j["name"]), "{j}");
+    }
+    let api = get_json(&addr, "/cron");
+    let jobs = api
+        .as_array()
+        .unwrap_or_else(|| panic!("/cron is a list: {api}"));
+    assert_eq!(jobs.len(), 4, "{api}");
+    for j in jobs {
+        assert_eq!(j["last"]["status"], want(&j["name"]), "/cron: {j}");
+    }
+    let page = get(&addr, "/");
+    assert_eq!(page.code, 200);
+    for job in ["unsigned", "foreign", "edited"] {
+        let row = page
+            .body
+            .lines()
+            .find(|l| l.contains(&format!("data-job=\"{job}\"")))
+            .unwrap_or_else(|| panic!("no row for {job} on the page"));
+        assert!(
+            row.contains(">refused<"),
+            "the page shows {job} refused: {row}"
+        );
     }
 
     // Pausing and resuming needs no key, and leaves the job runnable.

@@ -564,10 +564,10 @@ fn corrupted_and_foreign_values_are_shown_as_unknown_and_never_run() {
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
-struct Resp {
-    code: u16,
+pub(crate) struct Resp {
+    pub(crate) code: u16,
     head: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Resp {
@@ -649,12 +649,12 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> io::Result<
 }
 
 #[track_caller]
-fn get(addr: &str, path: &str) -> Resp {
+pub(crate) fn get(addr: &str, path: &str) -> Resp {
     http(addr, "GET", path, None).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 #[track_caller]
-fn get_json(addr: &str, path: &str) -> Value {
+pub(crate) fn get_json(addr: &str, path: &str) -> Value {
     let r = get(addr, path);
     assert_eq!(r.code, 200, "GET {path}: {r:?}");
     assert_eq!(
