@@ -371,27 +371,24 @@ async fn run(sh: &Shared, session: &Session, job: &Job, tick: i64, rev: i64, man
     };
     // With --trust-key, a spec that is not signed by a trusted key is decided (the tick is
     // claimed, so no other node runs it either) but never run.
-    let refusal = if sh.trusted.is_empty() {
-        None
-    } else {
-        sh.trusted.verify(name.as_str(), &job.spec).err()
-    };
-    if let Some(refusal) = refusal {
-        tracing::warn!(name = %name, tick = %tick_text, reason = %refusal, "refused");
-        result.status = Status::Refused;
-        result.reason = Some(refusal.to_string());
-    } else {
-        sh.metrics.running.fetch_add(1, Relaxed);
-        execute(sh, session, job, tick, &ctx, &mut result).await;
-        sh.metrics.running.fetch_sub(1, Relaxed);
+    match sh.trusted.admit(name.as_str(), &job.spec) {
+        Err(refusal) => {
+            tracing::warn!(name = %name, tick = %tick_text, reason = %refusal, "refused");
+            result.status = Status::Refused;
+            result.reason = Some(refusal.to_string());
+        }
+        Ok(()) => {
+            sh.metrics.running.fetch_add(1, Relaxed);
+            execute(sh, session, job, tick, &ctx, &mut result).await;
+            sh.metrics.running.fetch_sub(1, Relaxed);
+            let counter = match result.status {
+                Status::Ok => &sh.metrics.runs_ok,
+                Status::Killed => &sh.metrics.runs_killed,
+                _ => &sh.metrics.runs_failed,
+            };
+            counter.fetch_add(1, Relaxed);
+        }
     }
-    match result.status {
-        Status::Ok => sh.metrics.runs_ok.fetch_add(1, Relaxed),
-        Status::Killed => sh.metrics.runs_killed.fetch_add(1, Relaxed),
-        // Nothing ran: not a run's result.
-        Status::Refused => 0,
-        _ => sh.metrics.runs_failed.fetch_add(1, Relaxed),
-    };
     tracing::info!(name = %name, tick = %tick_text, rev, status = result.status.as_str(), exit = ?result.exit, duration = ?result.duration, "result");
     write_result(sh, job, tick, &result).await;
     if job.spec.overlap == Overlap::Forbid

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Ctx, Signal, TAG_VAR, etcd::free_port, proc, wait_for, wait_until};
+use crate::harness::{Ctx, Signal, etcd::free_port, proc, wait_for, wait_until};
 
 const SOON: Duration = Duration::from_secs(10);
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
@@ -140,22 +140,10 @@ fn without_production(env: &mut BTreeMap<String, String>) {
     }
 }
 
-/// A command with the test's own settings: etcd, prefix, cgroup root, the process tag.
+/// A command with the test's own settings (etcd, prefix, cgroup root, the process tag).
 fn test_command(ctx: &Ctx, program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CONCH_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("CONCH_ENDPOINTS", &ctx.etcd.endpoint)
-        .env("CONCH_PREFIX", &ctx.prefix)
-        .env(TAG_VAR, &ctx.tag)
-        .current_dir(&ctx.dir)
-        .stdin(Stdio::null());
-    if let Some(root) = &ctx.cgroup_root {
-        cmd.env("CONCH_CGROUP_ROOT", root);
-    }
+    let mut cmd = ctx.command(program);
+    cmd.stdin(Stdio::null());
     cmd
 }
 

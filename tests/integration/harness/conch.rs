@@ -45,20 +45,7 @@ pub struct Conch {
 
 impl Conch {
     pub fn new(ctx: &Ctx) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_conch"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CONCH_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("CONCH_ENDPOINTS", &ctx.etcd.endpoint)
-            .env("CONCH_PREFIX", &ctx.prefix)
-            .env(super::TAG_VAR, &ctx.tag)
-            .env("RUST_BACKTRACE", "1")
-            .current_dir(&ctx.dir);
-        if let Some(root) = &ctx.cgroup_root {
-            cmd.env("CONCH_CGROUP_ROOT", root);
-        }
+        let cmd = ctx.command(env!("CARGO_BIN_EXE_conch"));
         Conch {
             cmd,
             argv: Vec::new(),

@@ -111,6 +111,27 @@ impl Ctx {
         Conch::new(self)
     }
 
+    /// A command line for `program` in this test's settings: none of the caller's `CONCH_*`
+    /// variables, this test's etcd, prefix and cgroup root, the process tag, the scratch
+    /// directory as working directory.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut cmd = std::process::Command::new(program);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CONCH_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("CONCH_ENDPOINTS", &self.etcd.endpoint)
+            .env("CONCH_PREFIX", &self.prefix)
+            .env(TAG_VAR, &self.tag)
+            .env("RUST_BACKTRACE", "1")
+            .current_dir(&self.dir);
+        if let Some(root) = &self.cgroup_root {
+            cmd.env("CONCH_CGROUP_ROOT", root);
+        }
+        cmd
+    }
+
     /// `conch elect <office>`; add flags, then `--` and the command.
     pub fn elect(&self, office: &str) -> Conch {
         self.conch().args(["elect", office])
