@@ -278,7 +278,10 @@ def cmd_watch(pids, lease, endpoints, deadline_s, stop_file, out, ready_file=Non
     eps = endpoints.split(",")
     lid = str(int(lease, 16))
     deadline = now_us() + int(float(deadline_s) * 1e6)
-    res = dict(dead_us=None, e_lower_us=None, gone_us=None, last_alive_us=None, last_exists_us=None,
+    # gone_us: when the request that first found the lease gone was sent; gone_recv_us: when
+    # its answer came. The lease was gone somewhere in between: a request sent while quorum
+    # was lost is answered only once it is back, with what is true then.
+    res = dict(dead_us=None, e_lower_us=None, gone_us=None, gone_recv_us=None, last_alive_us=None, last_exists_us=None,
                readings=0, errors=0, log=[])
     last_poll, k = 0, 0
     while True:
@@ -295,7 +298,7 @@ def cmd_watch(pids, lease, endpoints, deadline_s, stop_file, out, ready_file=Non
                 res["readings"] += 1
                 res["log"].append([t0, ttl])
                 if ttl == -1 and "grantedTTL" not in r:
-                    res["gone_us"] = t0
+                    res["gone_us"], res["gone_recv_us"] = t0, now_us()
                 else:
                     # not revoked yet: the holder's key still exists, nobody else can hold the office
                     res["last_exists_us"] = t0
@@ -426,7 +429,9 @@ def cmd_verdict(a):
         restored, bound = int(a["restored_us"]), int(a["bound_ms"]) * 1000
         if a.get("frozen") != "2":
             fails.append(f"only {a.get('frozen')} of the 2 etcd members were seen stopped: quorum was not proven gone")
-        if gone is not None and gone < restored:
+        # Only an answer that came back before quorum did proves the lease gone during the
+        # outage (a request sent just before the restore is answered after it).
+        if w.get("gone_recv_us") is not None and w["gone_recv_us"] < restored:
             fails.append(f"rev {rev}'s lease was seen gone during the outage")
         if not lost or dead >= restored:
             fails.append(f"tree of rev {rev} still alive when quorum returned, {(restored - fault)/1e6:.1f} s into the outage (TTL {a['ttl']} s)")
