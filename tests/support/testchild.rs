@@ -86,9 +86,13 @@ fn record(journal: &str, role: &str, event: &str) {
     let tick = std::env::var("CONCH_TICK")
         .map(|t| format!(" tick={t}"))
         .unwrap_or_default();
-    // One write() per record on an O_APPEND file: records never interleave.
+    // One write() per record on an O_APPEND file: records never interleave. The kernel still
+    // copies a write into the file page by page, so a reader can see the first part of a
+    // record whose write is in progress, and a SIGKILL between two pages leaves it cut for
+    // good. Hence the frame: a leading newline keeps a cut record on a line of its own, and
+    // the closing ` .` tells a whole record from a cut one (harness/journal.rs reads both).
     let line = format!(
-        "{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}{tick}\n",
+        "\n{} {event} {role} pid={pid} node={node} rev={rev} lease={lease}{tick} .\n",
         now_ns()
     );
     let mut f = OpenOptions::new()
