@@ -404,7 +404,7 @@ fn stand_ins(ctx: &Ctx) -> String {
     // file removes it); -u USER[:GROUP] would drop privileges (ignored here).
     let chpst = "#!/bin/sh\nwhile [ $# -gt 0 ]; do case \"$1\" in\n\
                  -u) shift 2 ;;\n\
-                 -e) for f in \"$2\"/*; do n=${f##*/}; if [ -s \"$f\" ]; then \
+                 -e) for f in \"$2\"/*; do [ -e \"$f\" ] || continue; n=${f##*/}; if [ -s \"$f\" ]; then \
                  v=$(head -n 1 \"$f\"); export \"$n=$v\"; else unset \"$n\"; fi; done; shift 2 ;;\n\
                  *) break ;;\nesac; done\nexec \"$@\"\n";
     for (name, body) in [("chpst", chpst), ("chown", "#!/bin/sh\nexit 0\n")] {
@@ -630,13 +630,112 @@ fn runit_conchd_starts_and_stops_cleanly() {
         .current_dir(&dir)
         .env("PATH", stand_ins(&ctx));
     for (k, _) in &env {
-        if *k != "CONCH_CGROUP_ROOT" {
-            cmd.env_remove(k);
-        }
+        cmd.env_remove(k);
     }
     let mut conchd = cmd.spawn().expect("sh");
     wait_registered(&ctx, &mut conchd);
     assert_eq!(stop(&mut conchd), 0);
+}
+
+/// Without a `CONCH_CGROUP_ROOT` setting, the conchd scripts hand the conch user
+/// `<cgroup v2 mount>/conch.slice` — wherever the v2 mount is (`/sys/fs/cgroup/unified` on a
+/// hybrid host) — and a relative setting is taken below the mount, as conch itself does; the
+/// path they prepare is the one conchd is given. Run up to the `exec` of conchd: `mkdir`,
+/// `chown` and the final command are stand-ins that record what they were asked to do.
+#[test]
+fn conchd_scripts_prepare_the_cgroup_root_conch_uses_wherever_the_v2_mount_is() {
+    let ctx = Ctx::new("deploy-conchd-root");
+    let Some(mount) = crate::harness::cgroup::v2_mount() else {
+        eprintln!("no cgroup v2 mount: skipped");
+        return;
+    };
+    let said = ctx.path("said");
+    let rec = ctx.path("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let record = |name: &str, body: &str| {
+        let p = rec.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&p, perm).unwrap();
+    };
+    let log = format!("'{}'", said.display());
+    record("mkdir", &format!("echo \"mkdir $*\" >> {log}"));
+    record("chown", &format!("echo \"chown $*\" >> {log}"));
+    // conchd itself: what it was started with.
+    record(
+        "conch",
+        &format!("echo \"conch $* root=$CONCH_CGROUP_ROOT\" >> {log}"),
+    );
+    let path = format!("{}:{}", rec.display(), stand_ins(&ctx));
+    let conch = rec.join("conch").display().to_string();
+    for (n, (setting, want)) in [
+        (None, mount.join("conch.slice")),
+        (Some("jobs.slice/conchd"), mount.join("jobs.slice/conchd")),
+        (Some("/somewhere/else"), PathBuf::from("/somewhere/else")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let want = want.display();
+        let expect =
+            format!("mkdir -p {want}\nchown -R conch:conch {want}\nconch conchd root={want}\n");
+        let stand_in_conch = |script: &Path| {
+            let text = std::fs::read_to_string(script).unwrap();
+            std::fs::write(script, text.replace(conch_bin(), &conch)).unwrap();
+        };
+
+        // OpenRC: conf.d, the operator's setting, the script, start_pre, the command.
+        let _ = std::fs::remove_file(&said);
+        let svc = format!("conchd{n}");
+        let setting_sh = setting.map_or("unset CONCH_CGROUP_ROOT".into(), |r| {
+            format!("export CONCH_CGROUP_ROOT='{r}'")
+        });
+        let mut cmd = openrc(
+            &ctx,
+            "openrc/conchd",
+            "openrc/conchd.confd",
+            &svc,
+            &setting_sh,
+        );
+        stand_in_conch(&ctx.path(&format!("init.d/{svc}")));
+        let status = cmd.env("PATH", &path).status().unwrap();
+        assert_eq!(status.code(), Some(0), "OpenRC, {setting:?}");
+        assert_eq!(
+            ctx.read("said").unwrap_or_default(),
+            expect,
+            "OpenRC, {setting:?}"
+        );
+
+        // runit: the setting in env/, as an operator writes it.
+        let _ = std::fs::remove_file(&said);
+        let env: Vec<(&str, String)> = setting
+            .map(|r| ("CONCH_CGROUP_ROOT", r.to_string()))
+            .into_iter()
+            .collect();
+        let dir = runit_service(&ctx, "runit/conchd/run", &svc, &env);
+        let run = dir.join("run");
+        stand_in_conch(&run);
+        let text = std::fs::read_to_string(&run).unwrap();
+        std::fs::write(
+            &run,
+            text.replace("/etc/sv/conchd/env", &dir.join("env").display().to_string()),
+        )
+        .unwrap();
+        let status = logged(&ctx, "sh", LOG)
+            .arg("./run")
+            .current_dir(&dir)
+            .env("PATH", &path)
+            .env_remove("CONCH_CGROUP_ROOT")
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "runit, {setting:?}");
+        assert_eq!(
+            ctx.read("said").unwrap_or_default(),
+            expect,
+            "runit, {setting:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
