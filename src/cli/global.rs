@@ -73,6 +73,10 @@ pub struct GlobalArgs {
     /// Log only warnings and errors.
     #[arg(long, global = true, env = "CONCH_QUIET", value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
     pub quiet: bool,
+    /// Log debug events too: each lease renewal and the deadline it proves, failovers, what a
+    /// waiter waits for, ticks taken by other nodes.
+    #[arg(long, global = true, env = "CONCH_VERBOSE", value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
+    pub verbose: bool,
     /// Log format on stderr.
     #[arg(
         long,
@@ -231,22 +235,38 @@ impl GlobalArgs {
     }
 }
 
-/// Set up the one `tracing` subscriber: stderr, text or JSON, INFO (WARN with `--quiet`).
+/// Set up the one `tracing` subscriber: stderr, text or JSON, INFO (WARN with `--quiet`,
+/// conch's own DEBUG events too with `--verbose`; both at once is refused before this). The
+/// libraries below conch (gRPC, HTTP/2) never log below INFO: their debug lines are per frame.
 pub fn init_logging(g: &GlobalArgs) {
     use std::io::IsTerminal;
+    use tracing::Level;
+    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::fmt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = if g.quiet {
-        tracing::Level::WARN
+        Level::WARN
+    } else if g.verbose {
+        Level::DEBUG
     } else {
-        tracing::Level::INFO
+        Level::INFO
     };
+    let only = Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), level)
+        .with_default(level.min(Level::INFO));
     let builder = fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match g.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.finish().with(only).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(only)
+            .try_init(),
     };
 }

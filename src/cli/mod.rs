@@ -83,6 +83,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if cli.global.quiet && cli.global.verbose {
+        eprintln!(
+            "conch: --quiet and --verbose (CONCH_QUIET, CONCH_VERBOSE) contradict each other: set one"
+        );
+        return ExitCode::from(exit::USAGE);
+    }
     global::init_logging(&cli.global);
     if let Some(hint) = refusal_hint(&cli.global) {
         let _ = REFUSAL_HINT.set(hint);

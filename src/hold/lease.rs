@@ -253,6 +253,25 @@ fn mark_lost(tx: &watch::Sender<HoldState>, loss: Loss) {
     });
 }
 
+/// `--verbose`: one line per renewal, with what etcd granted and how far away D now is.
+fn renewed_event(
+    id: LeaseId,
+    endpoint: &str,
+    ttl_s: i64,
+    sent: BootInstant,
+    received: BootInstant,
+    tx: &watch::Sender<HoldState>,
+) {
+    tracing::debug!(
+        lease = %id,
+        endpoint,
+        ttl_s,
+        rtt_ms = (received - sent).as_millis() as u64,
+        deadline_in_ms = tx.borrow().deadline.remaining(received).as_millis() as u64,
+        "renewed"
+    );
+}
+
 /// The keeper: one renewal every P, one in flight, timed from its own send.
 async fn keep(
     etcd: Etcd,
@@ -301,6 +320,7 @@ async fn keep(
                         if outcome != Renewal::Extended {
                             return;
                         }
+                        renewed_event(id, etcd.endpoint(idx), ttl, sent, received, &tx);
                         stream = Some((idx, k, s));
                         next = sent + timing.period;
                         continue;
@@ -349,6 +369,7 @@ async fn keep(
                         if took > timing.period {
                             tracing::warn!(lease = %id, elapsed_ms = took.as_millis() as u64, "renew-late");
                         }
+                        renewed_event(id, etcd.endpoint(idx), resp.ttl(), sent, received, &tx);
                         next = sent + timing.period;
                     }
                     Renewal::Gone => {

@@ -472,6 +472,7 @@ async fn wait_for_slot(
         if give_up_at.is_some_and(|g| BootInstant::now() >= g) {
             return Ok(Turn::GiveUp);
         }
+        tracing::debug!(name = %ctx.name, watching = %watch_key, at, "waiting");
         match wait_queued(
             etcd, lease, &mut timer, signals, give_up_at, watch_key, opts, true,
         )

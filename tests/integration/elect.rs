@@ -496,3 +496,95 @@ fn quiet_happy_path_logs_nothing_but_warnings() {
         .collect();
     assert!(noise.is_empty(), "--quiet still logs: {noise:#?}");
 }
+
+#[test]
+fn verbose_logs_each_renewal_with_its_deadline_and_quiet_with_verbose_is_refused() {
+    let ctx = Ctx::new("elect-verbose");
+    let release = ctx.path("release");
+    let mut holder = ctx
+        .conch()
+        .args(["--verbose", "--log-format", "json", "--ttl", "4s"])
+        .args(["elect", "v", "--kill-after", "1s", "--"])
+        .args(ctx.sh(&format!(
+            "until [ -e {} ]; do sleep 0.02; done",
+            release.display()
+        )))
+        .spawn();
+    let renewals = |r: &Running| -> Vec<Value> {
+        crate::harness::conch::events(&r.stderr())
+            .into_iter()
+            .filter(|e| e["message"] == "renewed")
+            .collect()
+    };
+    assert!(
+        wait_until(SOON, || renewals(&holder).len() >= 2
+            || !holder.is_running()),
+        "no renewals logged:\n{}",
+        holder.stderr()
+    );
+    ctx.touch("release");
+    let out = holder.wait_timeout(SOON);
+    out.expect_code(0);
+    let evs = crate::harness::conch::events(&out.stderr);
+    let started = evs
+        .iter()
+        .find(|e| e["message"] == "child-start")
+        .unwrap_or_else(|| panic!("no child-start: {evs:#?}"));
+    for r in evs.iter().filter(|e| e["message"] == "renewed") {
+        assert_eq!(r["level"], "DEBUG", "{r}");
+        assert_eq!(r["lease"], started["lease"], "{r}");
+        assert_eq!(r["ttl_s"].as_i64(), Some(4), "{r}");
+        let d = r["deadline_in_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(
+            d > 0 && d <= 4000,
+            "D lies within the TTL of the renewal: {r}"
+        );
+    }
+    assert!(
+        evs.iter().any(|e| e["message"] == "connected"),
+        "--verbose shows the endpoint it connected to: {evs:#?}"
+    );
+    let frames: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["message"].as_str().is_some_and(|m| m.contains("frame")))
+        .collect();
+    assert!(
+        frames.is_empty(),
+        "--verbose is conch's debug events, not the HTTP/2 library's: {frames:#?}"
+    );
+
+    // Without --verbose there are no debug lines.
+    let plain = ctx
+        .conch()
+        .args(["--log-format", "json", "elect", "v", "--", "true"])
+        .run();
+    plain.expect_code(0);
+    let debug: Vec<Value> = crate::harness::conch::events(&plain.stderr)
+        .into_iter()
+        .filter(|e| e["level"] == "DEBUG")
+        .collect();
+    assert!(debug.is_empty(), "debug lines by default: {debug:#?}");
+
+    // Both at once, by flag or by environment: refused before anything happens.
+    for (args, env) in [
+        (vec!["--quiet", "--verbose"], None),
+        (vec!["--verbose"], Some(("CONCH_QUIET", "1"))),
+    ] {
+        let mut cmd = ctx.conch().args(&args).args(["elect", "both", "--"]);
+        cmd = cmd.args(ctx.sh(&format!("touch {}/ran", ctx.dir.display())));
+        if let Some((k, v)) = env {
+            cmd = cmd.env(k, v);
+        }
+        let out = cmd.run();
+        out.expect_code(64);
+        assert!(
+            out.stderr.contains("--quiet and --verbose"),
+            "names the contradiction: {}",
+            out.stderr
+        );
+        assert!(ctx.read("ran").is_none(), "the child ran");
+        assert!(ctx.office_keys("both").is_empty(), "a key was written");
+    }
+}

@@ -16,10 +16,12 @@ use crate::harness::{Conch, Ctx, Running, Signal, wait_until};
 const SOON: Duration = Duration::from_secs(10);
 
 /// The server's CA and the ordinary client certificate (CN not an etcd user), through the
-/// environment as a Kubernetes-style deployment would pass them.
+/// environment as a Kubernetes-style deployment would pass them; conch logs at its most
+/// verbose (`CONCH_VERBOSE`), so no debug line may show a secret either.
 fn mtls(c: Conch) -> Conch {
     let pki = &tls::server().pki;
-    c.env("CONCH_CACERT", &pki.ca)
+    c.env("CONCH_VERBOSE", "1")
+        .env("CONCH_CACERT", &pki.ca)
         .env("CONCH_CERT", &pki.client_cert)
         .env("CONCH_KEY", &pki.client_key)
 }
