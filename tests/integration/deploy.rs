@@ -396,6 +396,14 @@ fn installed_copy(rel: &str, dest: &Path) -> PathBuf {
     dest.to_path_buf()
 }
 
+/// Writes an executable file.
+fn executable(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    let mut perm = std::fs::metadata(path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(path, perm).unwrap();
+}
+
 /// `chpst` and `chown` stand-ins in `<dir>/bin`, first on PATH.
 fn stand_ins(ctx: &Ctx) -> String {
     let bin = ctx.path("bin");
@@ -408,11 +416,7 @@ fn stand_ins(ctx: &Ctx) -> String {
                  v=$(head -n 1 \"$f\"); export \"$n=$v\"; else unset \"$n\"; fi; done; shift 2 ;;\n\
                  *) break ;;\nesac; done\nexec \"$@\"\n";
     for (name, body) in [("chpst", chpst), ("chown", "#!/bin/sh\nexit 0\n")] {
-        let p = bin.join(name);
-        std::fs::write(&p, body).unwrap();
-        let mut perm = std::fs::metadata(&p).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(&p, perm).unwrap();
+        executable(&bin.join(name), body);
     }
     format!(
         "{}:{}",
@@ -565,6 +569,34 @@ fn runit_env(ctx: &Ctx) -> Vec<(&'static str, String)> {
     env
 }
 
+/// `./run` in a service directory as runsv starts it: with a clean environment (none of
+/// `env`'s variables, which the script gets from its `env/` directory), the stand-ins on PATH.
+fn runsv(ctx: &Ctx, dir: &Path, env: &[(&str, String)]) -> Command {
+    let mut cmd = logged(ctx, "sh", LOG);
+    cmd.arg("./run")
+        .current_dir(dir)
+        .env("PATH", stand_ins(ctx));
+    for (k, _) in env {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
+/// [`runit_service`] for conchd, whose run script reads `/etc/sv/conchd/env`: pointed at the
+/// service's own `env/`.
+fn conchd_runit_service(ctx: &Ctx, name: &str, env: &[(&str, String)]) -> PathBuf {
+    let dir = runit_service(ctx, "runit/conchd/run", name, env);
+    let run = dir.join("run");
+    let text = std::fs::read_to_string(&run).unwrap();
+    assert!(text.contains("/etc/sv/conchd/env"));
+    std::fs::write(
+        &run,
+        text.replace("/etc/sv/conchd/env", &dir.join("env").display().to_string()),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn runit_elect_runs_the_office_named_by_its_directory() {
     let ctx = Ctx::new("deploy-runit-elect");
@@ -572,15 +604,7 @@ fn runit_elect_runs_the_office_named_by_its_directory() {
     let mut env = runit_env(&ctx);
     env.push(("ELECT_COMMAND", format!("{} --serve", app.display())));
     let dir = runit_service(&ctx, "runit/conch-elect/run", "conch-elect-batch", &env);
-    // runsv starts ./run in the service directory, with a clean environment.
-    let mut cmd = logged(&ctx, "sh", LOG);
-    cmd.arg("./run")
-        .current_dir(&dir)
-        .env("PATH", stand_ins(&ctx));
-    for (k, _) in &env {
-        cmd.env_remove(k);
-    }
-    let conch = cmd.spawn().expect("sh");
+    let conch = runsv(&ctx, &dir, &env).spawn().expect("sh");
     check_elect_run(&ctx, "batch", conch, 12);
 }
 
@@ -592,12 +616,7 @@ fn runit_elect_refuses_a_directory_without_a_name_or_a_command() {
         ("conch-elect-x", runit_env(&ctx), "ELECT_COMMAND"),
     ] {
         let dir = runit_service(&ctx, "runit/conch-elect/run", name, &env);
-        let status = logged(&ctx, "sh", LOG)
-            .arg("./run")
-            .current_dir(&dir)
-            .env("PATH", stand_ins(&ctx))
-            .status()
-            .unwrap();
+        let status = runsv(&ctx, &dir, &[]).status().unwrap();
         assert_eq!(status.code(), Some(1), "{name}");
         let said = ctx.read(LOG).unwrap_or_default();
         assert!(said.contains(says), "{name}: {said}");
@@ -610,29 +629,8 @@ fn runit_conchd_starts_and_stops_cleanly() {
     let ctx = Ctx::new("deploy-runit-conchd");
     let mut env = runit_env(&ctx);
     env.push(("CONCH_STATUS_ADDR", format!("127.0.0.1:{}", free_port())));
-    let dir = runit_service(&ctx, "runit/conchd/run", "conchd", &[]);
-    // The conchd run script reads /etc/sv/conchd/env: point it at this service's env/.
-    let run = dir.join("run");
-    let text = std::fs::read_to_string(&run).unwrap();
-    assert!(text.contains("/etc/sv/conchd/env"));
-    std::fs::write(
-        &run,
-        text.replace("/etc/sv/conchd/env", &dir.join("env").display().to_string()),
-    )
-    .unwrap();
-    let envdir = dir.join("env");
-    std::fs::create_dir_all(&envdir).unwrap();
-    for (k, v) in &env {
-        std::fs::write(envdir.join(k), format!("{v}\n")).unwrap();
-    }
-    let mut cmd = logged(&ctx, "sh", LOG);
-    cmd.arg("./run")
-        .current_dir(&dir)
-        .env("PATH", stand_ins(&ctx));
-    for (k, _) in &env {
-        cmd.env_remove(k);
-    }
-    let mut conchd = cmd.spawn().expect("sh");
+    let dir = conchd_runit_service(&ctx, "conchd", &env);
+    let mut conchd = runsv(&ctx, &dir, &env).spawn().expect("sh");
     wait_registered(&ctx, &mut conchd);
     assert_eq!(stop(&mut conchd), 0);
 }
@@ -653,11 +651,7 @@ fn conchd_scripts_prepare_the_cgroup_root_conch_uses_wherever_the_v2_mount_is() 
     let rec = ctx.path("rec");
     std::fs::create_dir_all(&rec).unwrap();
     let record = |name: &str, body: &str| {
-        let p = rec.join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        let mut perm = std::fs::metadata(&p).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(&p, perm).unwrap();
+        executable(&rec.join(name), &format!("#!/bin/sh\n{body}\n"));
     };
     let log = format!("'{}'", said.display());
     record("mkdir", &format!("echo \"mkdir $*\" >> {log}"));
@@ -713,20 +707,10 @@ fn conchd_scripts_prepare_the_cgroup_root_conch_uses_wherever_the_v2_mount_is() 
             .map(|r| ("CONCH_CGROUP_ROOT", r.to_string()))
             .into_iter()
             .collect();
-        let dir = runit_service(&ctx, "runit/conchd/run", &svc, &env);
-        let run = dir.join("run");
-        stand_in_conch(&run);
-        let text = std::fs::read_to_string(&run).unwrap();
-        std::fs::write(
-            &run,
-            text.replace("/etc/sv/conchd/env", &dir.join("env").display().to_string()),
-        )
-        .unwrap();
-        let status = logged(&ctx, "sh", LOG)
-            .arg("./run")
-            .current_dir(&dir)
+        let dir = conchd_runit_service(&ctx, &svc, &env);
+        stand_in_conch(&dir.join("run"));
+        let status = runsv(&ctx, &dir, &[("CONCH_CGROUP_ROOT", String::new())])
             .env("PATH", &path)
-            .env_remove("CONCH_CGROUP_ROOT")
             .status()
             .unwrap();
         assert_eq!(status.code(), Some(0), "runit, {setting:?}");
