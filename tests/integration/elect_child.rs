@@ -334,7 +334,8 @@ fn restart_after_a_revoked_lease_campaigns_with_a_new_lease_and_higher_rev() {
         .args(LOSS_FLAGS)
         .args(["--restart", "--"])
         .args(ctx.sh(
-            "echo \"$CONCH_REV $CONCH_LEASE\" >> {dir}/runs; echo $$ > {dir}/child.pid; \
+            // The pid first: the test reads it as soon as `runs` has a line.
+            "echo $$ > {dir}/child.pid; echo \"$CONCH_REV $CONCH_LEASE\" >> {dir}/runs; \
              exec sleep 1000",
         ))
         .spawn();
