@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::harness::cron::{
-    add, assert_ran_as, per_node, start_nodes, status, stop_all, wait_registered,
+    add, assert_ran_as, now_ms, per_node, start_nodes, status, stop_all, wait_registered,
 };
 use crate::harness::journal;
 use crate::harness::{Ctx, Signal, alive, wait_for, wait_until};
@@ -133,22 +133,38 @@ fn manual_run_runs_exactly_once_and_a_paused_job_does_not_fire() {
     add(&ctx, "quiet", "@every 1s", &[], &["--run", "100ms"]);
     ctx.wait_results("quiet", 1, Duration::from_secs(10));
     ctx.cron(["pause", "quiet"]).run().expect_code(0);
-    // Let any run in flight land (every claim has its result), then nothing more may come
-    // for 3 ticks.
-    assert!(wait_until(Duration::from_secs(5), || ctx
-        .fires("quiet")
-        .len()
-        == ctx.results("quiet").len()));
-    let before = ctx.results("quiet").len();
+    // Each node takes the pause in with the watch event that brings it, and logs it. A tick
+    // a node took up before that may still be claimed; no tick due after it may be, on any
+    // node.
+    let pause_seen = |n: &crate::harness::Running| {
+        n.stderr().lines().any(|l| {
+            l.contains("job loaded") && l.contains("name=quiet") && l.contains("change=Changed")
+        })
+    };
     assert!(
-        wait_for(Duration::from_secs(3), || (ctx.results("quiet").len()
-            > before)
-            .then_some(()))
-        .is_none(),
-        "a paused job fired"
+        wait_until(Duration::from_secs(10), || nodes.iter().all(pause_seen)),
+        "not every node logged the paused job"
     );
+    let seen_ms = now_ms();
+    let fired_after = || {
+        ctx.fires("quiet")
+            .into_iter()
+            .find(|(t, _)| t * 1000 > seen_ms)
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), fired_after).is_none(),
+        "a paused job fired: {:?}",
+        fired_after()
+    );
+    let resumed_ms = now_ms();
     ctx.cron(["resume", "quiet"]).run().expect_code(0);
-    ctx.wait_results("quiet", before + 1, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(10), || ctx
+            .results("quiet")
+            .iter()
+            .any(|(t, r)| t * 1000 > resumed_ms && status(r) == "ok")),
+        "the resumed job did not run"
+    );
     stop_all(&mut nodes);
     let ran = journal::check_ticks(&journal::path_in(&ctx.dir));
     assert!(ran.len() >= 3);

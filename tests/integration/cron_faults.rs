@@ -317,8 +317,10 @@ fn outage(ctx: &Ctx, job: &str, nodes: &[&str]) -> (Vec<Running>, i64, i64) {
 #[track_caller]
 fn check_gap(ctx: &Ctx, job: &str, last_before: i64, restart_ms: i64, nodes: &[&str]) {
     wait_ok_after(ctx, job, restart_ms, 2);
-    let fires = tick_kvs(ctx, "fire", job);
+    // Results before fires: conchd keeps running, and a tick's claim always precedes its
+    // result, so every result read has its claim in the later read.
     let results = tick_kvs(ctx, "result", job);
+    let fires = tick_kvs(ctx, "fire", job);
     let ran = journal::check_ticks(&journal_of(ctx, job));
     let gap: Vec<i64> = (last_before + 1..)
         .filter(|t| t % 2 == 0)

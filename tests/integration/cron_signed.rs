@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::cron_status::{get, get_json};
 use crate::harness::cron::{status, stop_all};
 use crate::harness::etcd::free_port;
-use crate::harness::{Ctx, wait_until};
+use crate::harness::{Ctx, wait_for, wait_until};
 
 const SOON: Duration = Duration::from_secs(15);
 
@@ -121,15 +121,25 @@ fn only_specs_signed_by_a_trusted_key_run_the_rest_are_refused_with_the_reason()
     }
     assert!(ctx.read("good.ran").is_some(), "the signed job ran");
 
-    // `ls --last`, the status API and the page show it to the operator.
-    let out = ctx.cron(["ls", "--last", "--json"]).run();
-    out.expect_code(0);
+    // `ls --last`, the status API and the page show it to the operator. conchd keeps
+    // claiming ticks meanwhile, and a tick claimed but not yet finished shows `running`;
+    // each view is therefore read again until it shows no job between claim and result.
     let want = |name: &Value| if name == "good" { "ok" } else { "refused" };
-    for line in out.lines() {
+    let settled = |running: &str, read: &dyn Fn() -> String| {
+        wait_for(SOON, || Some(read()).filter(|text| !text.contains(running))).unwrap_or_else(read)
+    };
+    const RUNNING: &str = r#""status":"running""#;
+    let ls = settled(RUNNING, &|| {
+        let out = ctx.cron(["ls", "--last", "--json"]).run();
+        out.expect_code(0);
+        out.lines().join("\n")
+    });
+    for line in ls.lines() {
         let j: Value = serde_json::from_str(line).unwrap();
         assert_eq!(j["last"]["status"], want(&j["name"]), "{j}");
     }
-    let api = get_json(&addr, "/cron");
+    let api: Value =
+        serde_json::from_str(&settled(RUNNING, &|| get_json(&addr, "/cron").to_string())).unwrap();
     let jobs = api
         .as_array()
         .unwrap_or_else(|| panic!("/cron is a list: {api}"));
@@ -137,11 +147,13 @@ fn only_specs_signed_by_a_trusted_key_run_the_rest_are_refused_with_the_reason()
     for j in jobs {
         assert_eq!(j["last"]["status"], want(&j["name"]), "/cron: {j}");
     }
-    let page = get(&addr, "/");
-    assert_eq!(page.code, 200);
+    let page = settled(">running<", &|| {
+        let page = get(&addr, "/");
+        assert_eq!(page.code, 200);
+        page.body
+    });
     for job in ["unsigned", "foreign", "edited"] {
         let row = page
-            .body
             .lines()
             .find(|l| l.contains(&format!("data-job=\"{job}\"")))
             .unwrap_or_else(|| panic!("no row for {job} on the page"));

@@ -315,7 +315,7 @@ fn a_standby_whose_key_was_deleted_while_waiting_runs_only_under_a_new_key() {
     );
     assert_eq!(keys[0].key, f[0], "the key it runs under exists in etcd");
     assert!(
-        b.stderr().contains("no longer"),
+        wait_until(SOON, || b.stderr().contains("no longer")),
         "the loss while waiting is logged:\n{}",
         b.stderr()
     );

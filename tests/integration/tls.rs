@@ -359,7 +359,7 @@ fn cron_add_ls_and_conchd_run_a_job_through_mutual_tls_and_leak_no_password() {
         .arg(format!(
             "env > {d}/env.tmp; tr '\\0' '\\n' < /proc/$PPID/environ > {d}/sup.tmp; \
              tr '\\0' ' ' < /proc/$PPID/cmdline >> {d}/sup.tmp; \
-             mv {d}/env.tmp {d}/env; mv {d}/sup.tmp {d}/sup",
+             mv {d}/sup.tmp {d}/sup; mv {d}/env.tmp {d}/env",
             d = ctx.dir.display()
         ))
         .env("CONCH_USER", USER)
@@ -388,7 +388,8 @@ fn cron_add_ls_and_conchd_run_a_job_through_mutual_tls_and_leak_no_password() {
     assert_no_secret("the job's environment", &env);
     assert_no_secret(
         "the job's supervisor's environment and command line",
-        &ctx.read("sup").unwrap_or_default(),
+        &ctx.read("sup")
+            .expect("the job moves `sup` into place before `env`"),
     );
     let results = ctx.wait_results("tick", 1, SOON);
     assert_eq!(

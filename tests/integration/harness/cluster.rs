@@ -162,12 +162,18 @@ impl Cluster {
         self.members.iter().position(|m| m.client_url == endpoint)
     }
 
-    /// Is the lease (hex) alive according to the cluster?
+    /// Is the lease (hex) alive according to the cluster? Only an answer counts: a failed
+    /// request is asked again (3 tries), never taken for "gone".
+    #[track_caller]
     pub fn lease_alive(&self, lease_hex: &str) -> bool {
-        match self.ctl(["lease", "timetolive", lease_hex]) {
-            Ok(out) => !out.contains("already expired") && !out.contains("not found"),
-            Err(_) => false,
+        let mut errors = vec![];
+        while errors.len() < 3 {
+            match self.ctl(["lease", "timetolive", lease_hex]) {
+                Ok(out) => return !out.contains("already expired") && !out.contains("not found"),
+                Err(e) => errors.push(e),
+            }
         }
+        panic!("the cluster did not answer about lease {lease_hex}: {errors:?}")
     }
 
     /// SIGKILL a member.
